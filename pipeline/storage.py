@@ -82,15 +82,20 @@ def is_local(uri: str) -> bool:
     return split_uri(uri)[0] == "file"
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fsspec filesystem, path within it) for a URI; S3 configured from the environment."""
+def filesystem(uri: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path within it) for a URI.
+
+    `options` are S3 options captured on the driver with `s3_options()`; code running in Ray
+    workers must pass them (the worker's own environment may not have the credentials).
+    """
     proto, path = split_uri(uri)
     if proto == "file":
         return fsspec.filesystem("file"), path
     if proto in ("s3", "s3a"):
+        opts = s3_options() if options is None else options
         # Listing caches would hide objects written by other workers/runs: turn them off.
         return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True,
-                                 **s3_options()), path
+                                 **opts), path
     return fsspec.filesystem(proto), path
 
 
@@ -150,21 +155,15 @@ def list_files(uri: str, extensions: Iterable[str] | None = IMAGE_EXTENSIONS) ->
     return out
 
 
-def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
-    if fs is None:
-        fs, path = filesystem(uri)
-    else:
-        path = split_uri(uri)[1]
+def read_bytes(uri: str, options: dict | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
     return fs.cat_file(path)
 
 
-def write_bytes(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None = None) -> None:
+def write_bytes(uri: str, data: bytes, options: dict | None = None) -> None:
     """Write a whole object; local writes go through a temp name and a rename so that a
     reader never sees half a file (object-store PUTs are atomic already)."""
-    if fs is None:
-        fs, path = filesystem(uri)
-    else:
-        path = split_uri(uri)[1]
+    fs, path = filesystem(uri, options)
     if split_uri(uri)[0] == "file":
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = posixpath.join(posixpath.dirname(path), f".tmp-{os.getpid()}-{posixpath.basename(path)}")
@@ -175,12 +174,12 @@ def write_bytes(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None = No
         fs.pipe_file(path, data)
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
+def exists(uri: str, options: dict | None = None) -> bool:
+    fs, path = filesystem(uri, options)
     return fs.exists(path)
 
 
-def pyarrow_filesystem(uri: str):
+def pyarrow_filesystem(uri: str, options: dict | None = None):
     """(pyarrow filesystem, path) for Ray's Arrow-based readers and writers.
 
     Native S3 with explicit endpoint and credentials (pyarrow's S3FileSystem ignores
@@ -192,7 +191,7 @@ def pyarrow_filesystem(uri: str):
     if proto == "file":
         return pafs.LocalFileSystem(), path
     if proto in ("s3", "s3a"):
-        o = s3_options()
+        o = s3_options() if options is None else options
         kwargs = {}
         if "key" in o:
             kwargs.update(access_key=o["key"], secret_key=o["secret"])
@@ -206,7 +205,7 @@ def pyarrow_filesystem(uri: str):
         kwargs["region"] = region or "us-east-1"
         kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
         return pafs.S3FileSystem(**kwargs), path
-    fs, p = filesystem(uri)
+    fs, p = filesystem(uri, options)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p
 
 
