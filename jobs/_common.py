@@ -45,10 +45,79 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
                  include_dashboard=False, logging_level=logging.WARNING)
 
 
+CONFIG_HELP = ("YAML or TOML file whose keys are this command's flags (e.g. `input-size: 320` or "
+               "`input_size = 320`); flags given on the command line override it")
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None, help=CONFIG_HELP)
+
+
+def load_config_file(path: str) -> dict:
+    """A flat mapping of flag names to values, from YAML (.yaml/.yml) or TOML (.toml)."""
+    from pipeline import storage
+
+    try:
+        text = storage.read_bytes(path).decode()
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} does not exist") from None
+    if path.lower().endswith(".toml"):
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path!r} must be a mapping of flag names to values")
+    return data
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """If argv names `--config FILE`, make the file's values the parser's defaults.
+
+    Keys are flag names with or without dashes (`input-size`, `input_size`, `--input-size`).
+    A required flag given in the file is no longer required on the command line; unknown keys
+    are an error, so a typo in a config never goes unnoticed.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(list(argv))
+    if not known.config:
+        return
+    data = load_config_file(known.config)
+    by_name = {}
+    for action in parser._actions:  # argparse has no public accessor for its actions
+        for opt in action.option_strings:
+            by_name[opt.lstrip("-").replace("-", "_")] = action
+    defaults = {}
+    for key, value in data.items():
+        action = by_name.get(str(key).lstrip("-").replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            parser.error(f"config file {known.config}: unknown option {key!r}")
+        if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+            value = [value]
+        if action.type is not None and not isinstance(value, (list, bool)) and value is not None:
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"config file {known.config}: {key}={value!r} is not one of {list(action.choices)}")
+        defaults[action.dest] = value
+        action.required = False
+    parser.set_defaults(**defaults)
+
+
 def job_main(build: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int],
              prog: str, description: str, argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     build(parser)
+    add_config_argument(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        apply_config(parser, argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     return run_guarded(run, args)
 

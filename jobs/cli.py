@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from jobs._common import run_guarded
+from jobs._common import UserError, add_config_argument, apply_config, run_guarded
 
 # subcommand -> (module, one-line help). Modules are imported only when their command runs,
 # so `u2net-ray --help` does not pay for importing Ray and torch.
@@ -39,12 +39,23 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
         module.add_arguments(p)
+        add_config_argument(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if command and sub is not None and command in sub.choices:
+        try:
+            apply_config(sub.choices[command], argv[argv.index(command) + 1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     return run_guarded(args._run, args)
 
 

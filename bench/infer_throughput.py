@@ -1,0 +1,204 @@
+"""Inference throughput, side by side in one run: official-style loop, decode-only, model-only,
+and the end-to-end `jobs.infer` job on the same images with the same weights.
+
+    python bench/infer_throughput.py --model u2netp --count 64 --image-size 1920x1080
+    python bench/infer_throughput.py --device cuda --model u2net --count 20000 --batch-size 64 \\
+        --precision bf16 --modes model,e2e
+
+Prints one JSON report (also written to --report) with images/s per mode and the ratios the
+project tracks: e2e / official (CPU target ≥ 2×) and e2e / model-from-memory (target ≥ 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs (q90): smooth gradients + shapes + noise, so JPEG sizes are realistic."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    paths = []
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(count):
+        base = np.stack([(xx / w) * rng.uniform(50, 200), (yy / h) * rng.uniform(50, 200),
+                         np.full_like(xx, rng.uniform(30, 220))], -1)
+        img = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, w - 50), rng.integers(0, h - 50)
+            x1, y1 = x0 + rng.integers(40, w // 3), y0 + rng.integers(40, h // 3)
+            d.ellipse([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        img = img.filter(ImageFilter.GaussianBlur(1.2))
+        p = folder / f"img_{i:05d}.jpg"
+        img.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def official_loop(paths, model, size: int, out_dir: Path) -> float:
+    """The official u2net_test.py shape: batch 1, full decode, resize, normalise, fp32 eager
+    forward, min–max, resize back, PNG save. Pillow replaces skimage for the resize."""
+    import torch
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for p in paths:
+        img = Image.open(p)
+        img = img.convert("RGB")
+        w, h = img.size
+        x = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+        x = x / np.max(x)
+        x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        t = torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
+        with torch.no_grad():
+            d0 = torch.sigmoid(model(t)[0])[0, 0]
+        d0 = (d0 - d0.min()) / (d0.max() - d0.min())
+        m = Image.fromarray((d0.numpy() * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+        m.save(out_dir / (p.stem + ".png"))
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def decode_only(paths, size: int) -> float:
+    from u2net_core import decode_image
+
+    datas = [p.read_bytes() for p in paths]
+    t0 = time.perf_counter()
+    for d in datas:
+        decode_image(d, size)
+    return len(datas) / (time.perf_counter() - t0)
+
+
+def model_from_memory(paths, args, weights) -> float:
+    """The job's own model path (U2NetPredictor.predict_uint8), fed pre-decoded uint8 inputs."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.predict import U2NetPredictor
+    from u2net_core import decode_image
+
+    decoded = [decode_image(p.read_bytes(), args.input_size) for p in paths]
+    images = np.stack([d.array for d in decoded])
+    gray = np.array([d.gray for d in decoded])
+    cfg = ModelConfig(name=args.model, weights=weights, input_size=args.input_size,
+                      batch_size=args.batch_size, precision=args.precision)
+    pred = U2NetPredictor(cfg, weights, device=args.device, threads=torch.get_num_threads())
+    pred.predict_uint8(images[: args.batch_size], gray[: args.batch_size])  # warm-up
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pred.predict_uint8(images, gray)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - t0)
+
+
+def end_to_end(folder: Path, out: Path, args, weights) -> dict:
+    from jobs import infer
+
+    argv = ["--input", str(folder), "--output", str(out), "--model", args.model, "--weights", weights,
+            "--input-size", str(args.input_size), "--batch-size", str(args.batch_size),
+            "--precision", args.precision, "--overwrite"]
+    if args.e2e_args:
+        argv += args.e2e_args.split()
+    assert infer.main(argv) == 0
+    summary = json.loads((out / "_run.json").read_text())
+    return {"images_per_s": summary["timings"]["images_per_s"],
+            "pipeline_s": summary["timings"]["pipeline_s"], "total_s": summary["timings"]["total_s"],
+            "actors": summary["actors"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="u2netp", choices=["u2net", "u2netp"])
+    ap.add_argument("--weights", default=None, help="weights file (default: a seeded random init)")
+    ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--image-size", default="1920x1080")
+    ap.add_argument("--input-size", type=int, default=320)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--modes", default="official,decode,model,e2e")
+    ap.add_argument("--official-count", type=int, default=None, help="images for the official loop (default: all)")
+    ap.add_argument("--e2e-args", default="", help="extra flags for jobs.infer, e.g. '--actors 2'")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--report", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from u2net_core import build_model, load_weights, save_weights
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="u2net-bench-"))
+    w, h = (int(v) for v in args.image_size.split("x"))
+    folder = work / f"images_{args.count}_{w}x{h}"
+    paths = sorted(folder.glob("*.jpg")) if folder.exists() else []
+    if len(paths) != args.count:
+        paths = make_images(folder, args.count, (w, h))
+    weights = args.weights
+    if weights is None:
+        torch.manual_seed(0)
+        weights = str(work / f"{args.model}_seed0.pth")
+        save_weights(build_model(args.model), weights)
+    modes = args.modes.split(",")
+    report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": {}}
+    res = report["results"]
+    if "official" in modes:
+        model = load_weights(build_model(args.model), weights).eval()
+        res["official_ips"] = official_loop(paths[: args.official_count or len(paths)], model,
+                                            args.input_size, work / "official_out")
+    if "decode" in modes:
+        res["decode_ips_per_core"] = decode_only(paths, args.input_size)
+    if "model" in modes:
+        res["model_from_memory_ips"] = model_from_memory(paths, args, weights)
+    if "e2e" in modes:
+        e2e = end_to_end(folder, work / "e2e_out", args, weights)
+        res["e2e_ips"] = e2e["images_per_s"]
+        res["e2e"] = e2e
+    if "e2e_ips" in res and "official_ips" in res:
+        res["ratio_e2e_vs_official"] = res["e2e_ips"] / res["official_ips"]
+    if "e2e_ips" in res and "model_from_memory_ips" in res:
+        res["ratio_e2e_vs_model"] = res["e2e_ips"] / res["model_from_memory_ips"]
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
