@@ -34,7 +34,9 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="u2net", choices=["u2net", "u2netp"], help="model variant")
+    from u2net_core.registry import MODELS
+
+    p.add_argument("--model", default="u2net", choices=sorted(MODELS), help="model variant")
     p.add_argument("--weights", default=None,
                    help="weights file (local path or URI): an official .pth or one from `u2net-ray train`")
     p.add_argument("--input-size", type=int, default=320, help="model input size S (S×S; default 320)")

@@ -14,6 +14,7 @@ Public API:
 from .checkpoint import WeightsMismatchError, load_weights, read_state_dict, save_weights
 from .imageio import DecodedImage, ImageDecodeError, decode_image, decode_mask
 from .loss import deep_supervision_loss
+from .metrics import SODMetrics
 from .model import U2Net, u2net, u2netp
 from .registry import MODELS, ModelSpec, build_model, get_spec
 from .transforms import normalize, probabilities, to_uint8_map
@@ -25,11 +26,3 @@ __all__ = [
     "normalize", "probabilities", "to_uint8_map", "SODMetrics",
 ]
 
-
-def __getattr__(name: str):
-    # Metrics pull in more numerics than the model path needs; import them on first use.
-    if name == "SODMetrics":
-        from .metrics import SODMetrics
-
-        return SODMetrics
-    raise AttributeError(name)
