@@ -170,14 +170,7 @@ def _read_files(units: pa.Table, rows: _Rows, options: dict) -> None:
     uris = units.column("unit_uri").to_pylist()
     keys = units.column("key").to_pylist()
     fps = units.column("fingerprint").to_pylist()
-    if not uris:
-        return
-    fs, _ = storage.filesystem(uris[0], options)
-    paths = [storage.split_uri(u)[1] for u in uris]
-    # One call for the whole batch: s3fs fetches the objects concurrently.
-    got = fs.cat(paths, on_error="return")
-    for uri, path, key, fp in zip(uris, paths, keys, fps):
-        data = got.get(path) if isinstance(got, dict) else got
+    for uri, key, fp, data in zip(uris, keys, fps, storage.read_many(uris, options)):
         if isinstance(data, BaseException):
             _read_error(rows, key, uri, fp, data)
         else:

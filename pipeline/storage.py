@@ -14,13 +14,17 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Sequence
 
 import fsspec
 
 __all__ = ["FileEntry", "s3_options", "filesystem", "split_uri", "join_uri", "to_uri",
-           "list_files", "read_bytes", "write_bytes", "exists", "pyarrow_filesystem",
+           "list_files", "read_bytes", "read_many", "write_bytes", "exists", "pyarrow_filesystem",
            "is_local", "storage_env", "StorageError"]
+
+# Concurrent object reads per task: S3 latency, not bandwidth, bounds small-object reads.
+FETCH_CONCURRENCY = 32
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -172,6 +176,38 @@ def write_bytes(uri: str, data: bytes, options: dict | None = None) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def read_many(uris: Sequence[str], storage_options: dict | None = None) -> list[Any]:
+    """Bytes of every URI, or the exception that reading it raised, in input order.
+
+    Why not Ray 2.60's `ray.data.expressions.download`: it resolves a single filesystem for the
+    whole column from its first URI (a manifest may mix `s3://`, `gs://` and local paths); a
+    failed read becomes a bare null with a debug log line, whereas every failure here must become
+    an error row with its reason; and it first HEADs every object to plan block sizes, one more
+    request per image (at 100M images, 100M requests) for sizes we do not need.
+    Why not `fs.cat(list)`: fsspec expands glob characters in paths, and `[`, `*`, `?` are legal
+    in object names.
+    """
+    filesystems: dict[str, Any] = {}
+
+    def read_one(uri: str) -> Any:
+        try:
+            proto = split_uri(uri)[0]
+            if proto not in filesystems:  # one per protocol; s3fs spans buckets itself
+                filesystems[proto] = filesystem(uri, storage_options)[0]
+            return filesystems[proto].cat_file(split_uri(uri)[1])
+        except Exception as exc:  # noqa: BLE001 - every failure is that row's error, as data
+            return exc
+
+    if not uris:
+        return []
+    if len(uris) == 1:
+        return [read_one(uris[0])]
+    # s3fs's sync methods block the calling thread on s3fs's own event loop, so threads give
+    # real concurrency for object stores; local reads gain from overlapping I/O too.
+    with ThreadPoolExecutor(max_workers=min(FETCH_CONCURRENCY, len(uris))) as pool:
+        return list(pool.map(read_one, uris))
 
 
 def exists(uri: str, options: dict | None = None) -> bool:
