@@ -8,6 +8,7 @@ Each job module exposes `add_arguments(parser)`, `run(args) -> int` and `main(ar
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -109,7 +110,9 @@ def apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 
 def job_main(build: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int],
              prog: str, description: str, argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    # No abbreviated flags: `--norm` silently meaning `--normalize` today and breaking when a
+    # flag is added tomorrow is worse than typing the name.
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     build(parser)
     add_config_argument(parser)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -135,3 +138,27 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not storage_unavailable(exc):
+            raise
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's error
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        print(f"error: storage unavailable after retries ({type(cause).__name__}): {first}",
+              file=sys.stderr)
+        return 2
+
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """Object storage that stayed unreachable, or kept answering 5xx/throttling, through the
+    S3 client's own retries (`storage.s3_options`): a job-level condition like a missing
+    input, reported in one line, not a bug whose traceback would help."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    except ImportError:  # no S3 support installed: nothing of this kind can be raised
+        return False
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, (BotoConnectionError, HTTPClientError)):  # refused, timed out, reset
+        return True
+    # s3fs turns S3 error replies into OSError: 503 SlowDown/ServiceUnavailable → EBUSY,
+    # 500 InternalError → EREMOTEIO.
+    return isinstance(cause, OSError) and cause.errno in (errno.EBUSY, errno.EREMOTEIO)

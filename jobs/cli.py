@@ -28,7 +28,8 @@ COMMANDS = {
 
 
 def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="u2net-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="u2net-ray", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -37,7 +38,8 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
             if available_only and exc.name == module_name:
                 continue  # a job this version does not ship
             raise
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        p = sub.add_parser(name, help=help_text, allow_abbrev=False,
+                           description=(module.__doc__ or help_text).strip().splitlines()[0])
         module.add_arguments(p)
         add_config_argument(p)
         p.set_defaults(_run=module.run)

@@ -668,7 +668,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    from jobs._common import job_main
+
+    return job_main(add_arguments, run, "python -m jobs.make_dataset",
+                    "Write a procedurally generated salient-object dataset (DUTS-style layout).", argv)
 
 
 if __name__ == "__main__":

@@ -315,12 +315,13 @@ def run_reprocess(cfg, settings, *, chunk_size: int = 10_000, full: bool = False
 
     from pipeline import iceberg, storage
     from pipeline.batch import new_run_id
+    from pipeline.processor import read_weights
     from pipeline.sources import plan_source
 
     log = logging.getLogger("u2net_ray")
     t0 = time.perf_counter()
     run_id = run_id or new_run_id()
-    state_dict, model_id = _weights_and_model_id(cfg)
+    state_dict, model_id = read_weights(cfg)
     t_weights = time.perf_counter()
 
     listing = plan_source(cfg.source)
@@ -389,18 +390,6 @@ def run_reprocess(cfg, settings, *, chunk_size: int = 10_000, full: bool = False
     if not work.keys_known:
         summary["listed_units"] = work.listed_units
     return summary
-
-
-def _weights_and_model_id(cfg) -> tuple[dict, str]:
-    """The weights (read and validated once, on the driver) and the run's model_id.
-
-    What `pipeline.processor.load_weights_for_run` does, minus putting the weights into Ray's
-    object store, so that planning needs no Ray; `_process_chunks` puts them there."""
-    from pipeline.predict import compute_model_id
-    from u2net_core import build_model, load_weights
-
-    state_dict = load_weights(build_model(cfg.model.name), cfg.model.weights).state_dict()
-    return state_dict, compute_model_id(state_dict, cfg.output_settings())
 
 
 def _process_chunks(cfg, settings, work: WorkPlan, chunks: list[Chunk], state_dict: dict,

@@ -1,7 +1,8 @@
 """CPU stage: probability map → coverage, bbox; full-size PNG, COCO RLE, RGBA cutouts on demand.
 
-The full-size mask comes from `u2net_core.masks.upsample_map`, the same helper readers use,
-so a row's coverage and bbox agree with what any reader reconstructs from `prob_map`.
+Coverage and bbox are those of the full-size mask that `u2net_core.masks.upsample_map` (the
+helper readers use) gives, computed without building it (`coverage_and_bbox_from_map`); the
+full-size mask itself is built only for PNG, RLE or cutouts.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def postprocess_batch(batch: pa.Table, cfg: PostprocessConfig) -> pa.Table:
             continue
         try:
             small = np.frombuffer(maps[i], np.uint8).reshape(mh[i], mw[i])
+            cov[i], box[i] = masks.coverage_and_bbox_from_map(small, widths[i], heights[i])
+            if not (cfg.mask_png or cfg.mask_rle or cfg.cutouts):
+                continue  # the full-size mask costs ~5 ms per 1080p image: only when asked for
             full = masks.upsample_map(small, widths[i], heights[i])
-            cov[i], box[i] = masks.coverage_and_bbox(full)
             if cfg.mask_png:
                 png[i] = masks.encode_png(full)
             if cfg.mask_rle:

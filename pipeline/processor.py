@@ -17,7 +17,7 @@ from pipeline.decode import decode_batch
 from pipeline.postprocess import postprocess_batch
 from pipeline.predict import ActorPlan, U2NetPredictor
 
-__all__ = ["build_mask_pipeline", "LoadedWeights", "load_weights_for_run"]
+__all__ = ["build_mask_pipeline", "LoadedWeights", "load_weights_for_run", "read_weights"]
 
 
 @dataclass
@@ -26,20 +26,24 @@ class LoadedWeights:
     model_id: str
 
 
-def load_weights_for_run(cfg: MaskPipelineConfig) -> LoadedWeights:
-    """Read and validate the weights once on the driver, hash them, put them in the store.
+def read_weights(cfg: MaskPipelineConfig) -> tuple[dict, str]:
+    """Read and validate the weights once, on the driver, and hash them into the `model_id`.
 
-    A wrong file fails here, in one line, before any actor starts; and actors never read
-    object storage for weights.
-    """
-    import ray
-
+    A wrong file fails here, in one line, before any actor starts. Needs no Ray, so planning
+    (which may find nothing to do) does not start it."""
     from pipeline.predict import compute_model_id
     from u2net_core import build_model, load_weights
 
-    model = load_weights(build_model(cfg.model.name), cfg.model.weights)
-    sd = model.state_dict()
-    return LoadedWeights(ray.put(sd), compute_model_id(sd, cfg.output_settings()))
+    state_dict = load_weights(build_model(cfg.model.name), cfg.model.weights).state_dict()
+    return state_dict, compute_model_id(state_dict, cfg.output_settings())
+
+
+def load_weights_for_run(cfg: MaskPipelineConfig) -> LoadedWeights:
+    """`read_weights`, then into Ray's object store: actors never read storage for weights."""
+    import ray
+
+    state_dict, model_id = read_weights(cfg)
+    return LoadedWeights(ray.put(state_dict), model_id)
 
 
 def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, plan: ActorPlan):

@@ -164,11 +164,24 @@ def _list_parquet(uri: str) -> list[str]:
                   if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
 
 
+def _read_parquet(file_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (or some of its columns), read through fsspec (s3fs on S3).
+
+    Not through pyarrow's native S3 client: it does not retry a throttled (503 SlowDown) or
+    failed (500) ranged GET whose XML error body is larger than the range asked for (the AWS
+    C++ SDK reports "Failed to flush response stream", a non-retryable INTERNAL_FAILURE), and
+    the key column of a masks file is such a small range. s3fs retries those like any other
+    request. `cache_type="none"`: one ranged GET per read, so only the footer and the
+    requested columns are fetched, as with the native client."""
+    fs, path = storage.filesystem(file_uri)
+    with fs.open(path, "rb", cache_type="none") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def _read_columns(files: list[str], columns: list[str]) -> pa.Table:
     parts = []
     for f in files:
-        pafs, path = storage.pyarrow_filesystem(f)
-        t = pq.read_table(path, filesystem=pafs, columns=columns)
+        t = _read_parquet(f, columns)
         parts.append(t.append_column("__file", pa.array([f] * t.num_rows, pa.string())))
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns + ["__file"]})
@@ -188,8 +201,8 @@ def read_table_state(output_uri: str) -> TableState:
 def _rewrite_masks_file(file_uri: str, drop: set[str], dedupe: set[str]) -> None:
     """Rewrite one masks file without the keys in `drop`, keeping only the first row of each
     key in `dedupe`; the new file is written before the old one is deleted."""
-    pafs, path = storage.pyarrow_filesystem(file_uri)
-    t = pq.read_table(path, filesystem=pafs).cast(MASKS_SCHEMA)
+    path = storage.split_uri(file_uri)[1]
+    t = _read_parquet(file_uri).cast(MASKS_SCHEMA)
     seen: set[str] = set()
     keep = []
     for i, key in enumerate(t.column("key").to_pylist()):
@@ -254,8 +267,7 @@ def _reconcile_errors(output_uri: str, extra: list[dict], stats: dict) -> None:
     mask_keys = read_table_state(output_uri).mask_keys
     parts = []
     for f in files:
-        pafs, path = storage.pyarrow_filesystem(f)
-        parts.append(pq.read_table(path, filesystem=pafs).cast(ERRORS_SCHEMA))
+        parts.append(_read_parquet(f).cast(ERRORS_SCHEMA))
     if extra:
         parts.append(pa.Table.from_pylist(extra, schema=ERRORS_SCHEMA))
     if not parts:

@@ -155,3 +155,25 @@ def test_full_size_mask_coverage_and_bbox():
     assert 0 < cov < 0.2 and box["x0"] >= 7 and box["x1"] <= 12 and box["y0"] == 2 and box["y1"] == 3
     assert coverage_and_bbox(np.zeros((4, 4), np.uint8)) == (0.0, None)
     assert upsample_map(prob, 8, 8) is prob
+
+
+def test_coverage_and_bbox_from_map_matches_full_size():
+    from PIL import ImageFilter
+
+    from u2net_core.masks import coverage_and_bbox_from_map
+
+    rng = np.random.default_rng(5)
+    for t in range(120):
+        h = w = 320 if t % 2 else int(rng.integers(2, 64))
+        m = np.zeros((h, w), np.uint8)
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        m[y0:y0 + rng.integers(1, h), x0:x0 + rng.integers(1, w)] = rng.integers(100, 256)
+        m = np.asarray(Image.fromarray(m).filter(ImageFilter.GaussianBlur(rng.uniform(0, 5))))
+        W, H = int(rng.integers(1, 2500)), int(rng.integers(1, 2500))
+        cov, box = coverage_and_bbox(upsample_map(m, W, H))
+        cov2, box2 = coverage_and_bbox_from_map(m, W, H)
+        assert abs(cov - cov2) < 1e-5, (h, w, W, H)
+        if box is None:
+            assert box2 is None
+        else:
+            assert all(abs(box[k] - box2[k]) <= 1 for k in box), (box, box2)

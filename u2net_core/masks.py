@@ -8,12 +8,14 @@ the pipeline's own postprocess stage included, gets the same full-size mask.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["upsample_map", "map_from_row", "full_size_mask", "coverage_and_bbox",
+           "coverage_and_bbox_from_map",
            "encode_png", "rle_encode", "rle_decode", "cutout", "THRESHOLD_U8"]
 
 # p ≥ 0.5 on the uint8 map (maps are rounded, so 0.5 → 127.5 → 128).
@@ -56,6 +58,46 @@ def coverage_and_bbox(full_mask: np.ndarray) -> tuple[float, dict[str, int] | No
     cols = np.flatnonzero(on.any(axis=0))
     bbox = {"x0": int(cols[0]), "y0": int(rows[0]), "x1": int(cols[-1]), "y1": int(rows[-1])}
     return count / on.size, bbox
+
+
+def _window(lo: int, hi: int, n_in: int, n_out: int) -> tuple[int, int, float]:
+    """Output range [a, b) whose bilinear windows can touch source pixels lo..hi, with margin."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # the triangle filter's reach in source pixels, wider when shrinking
+    a = max(0, math.floor((lo - support - 1) / scale) - 1)
+    b = min(n_out, math.ceil((hi + 2 + support) / scale) + 1)
+    return a, b, scale
+
+
+def coverage_and_bbox_from_map(prob_map: np.ndarray, width: int, height: int
+                               ) -> tuple[float, dict[str, int] | None]:
+    """`coverage_and_bbox(upsample_map(prob_map, width, height))` without the full-size mask.
+
+    Bilinear resampling is a convex combination of source pixels, so an output pixel can reach
+    the threshold only near a source pixel that does. Only the box around those is resampled
+    (Pillow's `box=`), with the same filter on the same grid: 8× less work on a 1080p image with a
+    mid-sized object. Pixel centres come out of a different float expression, so counts can
+    differ from the full resize by a few pixels in millions (relative coverage error ~1e-7,
+    float32's own precision); the box was identical in every case tested.
+    """
+    h, w = prob_map.shape
+    on = prob_map >= THRESHOLD_U8
+    if not on.any():
+        return 0.0, None  # every output pixel is a convex mix of values < 128
+    if (h, w) == (height, width):
+        return coverage_and_bbox(prob_map)
+    rows = np.flatnonzero(on.any(axis=1))
+    cols = np.flatnonzero(on.any(axis=0))
+    xa, xb, sx = _window(int(cols[0]), int(cols[-1]), w, width)
+    ya, yb, sy = _window(int(rows[0]), int(rows[-1]), h, height)
+    region = np.asarray(Image.fromarray(np.ascontiguousarray(prob_map, dtype=np.uint8)).resize(
+        (xb - xa, yb - ya), Image.BILINEAR, box=(xa * sx, ya * sy, xb * sx, yb * sy)))
+    cov, box = coverage_and_bbox(region)
+    if box is None:
+        return 0.0, None
+    count = round(cov * region.size)
+    return count / (width * height), {"x0": box["x0"] + xa, "y0": box["y0"] + ya,
+                                      "x1": box["x1"] + xa, "y1": box["y1"] + ya}
 
 
 def encode_png(mask: np.ndarray, compress_level: int = 1) -> bytes:
