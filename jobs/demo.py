@@ -10,7 +10,7 @@
 5. `u2net-ray preview` draws a contact sheet (input | mask | cutout) read back from the table.
 
 Everything runs on one local Ray, sized for a 2-core machine. The defaults are a smoke-sized
-training run (96 images, 3 epochs at 96 px) so the whole demo stays within minutes on 2 cores:
+training run (192 images, 8 epochs at 96 px) so the whole demo stays within minutes on 2 cores:
 its masks show the pipeline, not what U²-Net can learn. Larger `--train-count`, `--epochs` and
 `--input-size` give better masks (BENCHMARKS.md has a longer learning curve).
 """
@@ -30,10 +30,10 @@ __all__ = ["add_arguments", "run", "main"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--train-count", type=int, default=96, help="generated training images")
+    p.add_argument("--train-count", type=int, default=192, help="generated training images")
     p.add_argument("--val-count", type=int, default=16, help="generated held-out images (evaluation)")
     p.add_argument("--infer-count", type=int, default=12, help="generated unseen images for inference")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--input-size", type=int, default=96,
                    help="model input size (the paper uses 320; 96 keeps the demo short on CPUs)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")

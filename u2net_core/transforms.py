@@ -44,7 +44,11 @@ def normalize(images: torch.Tensor | np.ndarray, gray: Sequence[bool] | np.ndarr
     m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
     if gray is not None:
-        g = torch.as_tensor(np.asarray(gray, dtype=bool), device=x.device).view(-1, 1, 1, 1)
+        if isinstance(gray, torch.Tensor):  # e.g. already on the GPU beside the images
+            g = gray.to(device=x.device, dtype=torch.bool)
+        else:
+            g = torch.as_tensor(np.asarray(gray, dtype=bool), device=x.device)
+        g = g.view(-1, 1, 1, 1)
         m = torch.where(g, m[:, :1], m)
         s = torch.where(g, s[:, :1], s)
     return (x - m) / s
