@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+pytest_plugins = ["tests.cluster"]  # the `ray_cluster` fixture of the cluster test tier
+
 # Four logical CPUs on a 2-core machine: the stages of a pipeline (read, decode, model actor,
 # postprocess, write) must be able to run at once, or a small test waits on scheduling.
 LOCAL_RAY_CPUS = 4
