@@ -245,7 +245,10 @@ class RayCluster:
                  "runtime_env_agent": p.one(), "dashboard_agent_listen": p.one(),
                  "dashboard_agent_grpc": p.one(), "min_worker": p.block(WORKER_PORTS_PER_NODE)}
         temp_dir = self.root / name
-        temp_dir.mkdir(parents=True, exist_ok=True)
+        # Each node also gets its own TMPDIR, as separate machines would: Python's tempfile
+        # users (Ray Train's checkpoint downloads among them) must not meet across nodes in
+        # the host's /tmp, and whatever they leave is removed with the cluster.
+        (temp_dir / "tmp").mkdir(parents=True, exist_ok=True)
         cmd = [RAY, "start", "--block", "--disable-usage-stats", "--log-style=record",
                "--log-color=false",
                f"--num-cpus={num_cpus}", "--num-gpus=0",
@@ -271,7 +274,8 @@ class RayCluster:
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=self.env(U2R_NODE=f"{self.id}/{name}"))
+                                    env=self.env(U2R_NODE=f"{self.id}/{name}",
+                                                 TMPDIR=str(temp_dir / "tmp")))
         node = Node(name, proc, temp_dir, log, ports, num_cpus)
         self.nodes[name] = node
         return node
