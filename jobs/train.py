@@ -289,12 +289,14 @@ def _restore(checkpoint, model, optimizer, scaler) -> tuple[int, list[dict]]:
 
     from u2net_core import load_weights
 
-    with checkpoint.as_directory() as d:
-        load_weights(model, os.path.join(d, MODEL_FILE))
-        with open(os.path.join(d, STATE_FILE), "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
+    # Read the files into memory rather than `checkpoint.as_directory()`: two restarted workers
+    # on one node restoring the same remote checkpoint race on its shared download folder
+    # (ray-project/ray#48726) and one of them reads a half-rewritten file.
+    load_weights(model, torch.load(io.BytesIO(_read_checkpoint_file(checkpoint, MODEL_FILE)),
+                                   map_location="cpu", weights_only=True))
+    state = torch.load(io.BytesIO(_read_checkpoint_file(checkpoint, STATE_FILE)),
+                       map_location="cpu", weights_only=True)
+    meta = json.loads(_read_checkpoint_file(checkpoint, META_FILE))
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -14,9 +14,10 @@ window fail whatever the dice say, and the window stays open (at most `max_durat
 they have. A job writes only a few files and its first write may come late on a loaded
 machine: left to chance, the write path would go untested in a third of the runs.
 
-Requests are forwarded byte for byte (Host header and body included, so signatures and
-aws-chunked uploads pass through unchanged); the proxy only decides, per request, whether
-to answer with an S3-style error instead, or to wait before forwarding.
+Requests are forwarded unchanged: headers (Host included) and body bytes, so signatures and
+aws-chunked uploads pass through; a body sent with chunked transfer framing is re-sent with
+a Content-Length, its bytes untouched. The proxy only decides, per request, whether to
+answer with an S3-style error instead, or to wait before forwarding.
 """
 
 from __future__ import annotations
