@@ -72,7 +72,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     flip: str = "horizontal"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU only for the last two)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: GPU only)
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -273,10 +273,18 @@ def _all_reduce_sum(values, device):
 
 
 def _autocast_dtype(cfg: TrainConfig, device):
+    """The autocast dtype of a worker, or None for plain fp32.
+
+    GPU: `auto` is bf16 where the card supports it, else fp16 (with a grad scaler). CPU: `auto`
+    is fp32, so a CPU run is reproducible anywhere; `--precision bf16` opts in, and pays on CPUs
+    with native bf16 (AMX, AVX512-BF16: 2.2x the fp32 step rate measured in BENCHMARKS.md).
+    """
     import torch
 
-    if device.type != "cuda" or cfg.precision == "fp32":
+    if cfg.precision == "fp32":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if cfg.precision == "bf16" else None
     if cfg.precision == "fp16":
         return torch.float16
     if cfg.precision == "bf16" or torch.cuda.is_bf16_supported():
@@ -326,10 +334,19 @@ def _config_json(cfg: TrainConfig) -> dict:
     return d
 
 
+def _inputs(batch, device):
+    import torch
+
+    from pipeline.augment import model_inputs
+
+    x = model_inputs(batch["image"].to(device, non_blocking=True), batch["gray"])
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _train_one_epoch(cfg, model, optimizer, scaler, shard, device, epoch, rank, world):
     import torch
 
-    from pipeline.augment import mask_targets, model_inputs
+    from pipeline.augment import mask_targets
     from u2net_core import deep_supervision_loss
 
     model.train()
@@ -348,7 +365,7 @@ def _train_one_epoch(cfg, model, optimizer, scaler, shard, device, epoch, rank, 
         n = int(batch["image"].shape[0])
         # Summed on the device: no host sync per step.
         mismatched += (batch["epoch"].to(device) != epoch).sum()
-        x = model_inputs(batch["image"].to(device, non_blocking=True), batch["gray"])
+        x = _inputs(batch, device)
         y = mask_targets(batch["mask"].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
@@ -408,7 +425,6 @@ def _validate(cfg, model, shard, device):
     workers (every field of its state is additive), so the result is the whole set's."""
     import torch
 
-    from pipeline.augment import model_inputs
     from u2net_core import SODMetrics
     from u2net_core.transforms import probabilities, to_uint8_map
 
@@ -418,7 +434,7 @@ def _validate(cfg, model, shard, device):
     metrics = SODMetrics()
     with torch.inference_mode():
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2):
-            x = model_inputs(batch["image"].to(device), batch["gray"])
+            x = _inputs(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 fused = net(x)[0]
             preds = to_uint8_map(probabilities(fused))
@@ -455,8 +471,9 @@ def train_loop_per_worker(config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         start_epoch, history = _restore(checkpoint, model, optimizer, scaler)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device: oneDNN's and cuDNN's fast convolutions are NHWC (on CPU
+    # it doubles the bf16 step rate, BENCHMARKS.md); inputs follow in `_inputs`.
+    model = model.to(memory_format=torch.channels_last)
     # Moves the parameters in place (the optimizer keeps pointing at them) and wraps in DDP.
     model = ray.train.torch.prepare_model(model)
     for state in optimizer.state.values():  # restored Adam moments follow their parameters
@@ -665,6 +682,8 @@ def _validate_args(args) -> None:
         raise UserError("--val-fraction must be in [0, 1)")
     if args.lr <= 0:
         raise UserError("--lr must be positive")
+    if args.precision == "fp16" and not args.use_gpu:
+        raise UserError("--precision fp16 needs --use-gpu (CPU training takes fp32 or bf16)")
     if "/" in args.name or args.name in ("", ".", ".."):
         raise UserError("--name must be a plain folder name")
 
@@ -815,7 +834,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     hp.add_argument("--flip", choices=("horizontal", "vertical", "none"), default="horizontal",
                     help="random flip (the official code flips vertically; default: horizontal)")
     hp.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                    help="GPU autocast dtype (auto: bf16 where supported, else fp16; CPU: fp32)")
+                    help="autocast dtype (auto: on GPU bf16 where supported, else fp16; on CPU "
+                         "fp32. bf16 also runs on CPU, fast where it has AMX/AVX512-BF16)")
     hp.add_argument("--seed", type=int, default=0,
                     help="seeds weights, shuffling and augmentation (default: 0)")
     hp.add_argument("--shuffle-buffer", type=int, default=256,

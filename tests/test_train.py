@@ -102,12 +102,14 @@ def test_exported_weights_load_strictly_in_both_implementations(first_run):
 def test_resume_trains_only_the_missing_epochs(first_run, inputs):
     args = [*inputs, *SMALL, "--output", str(first_run["out"]), "--name", "run",
             "--workers", "2"]
-    summary = _train(*args, "--epochs", "3")
+    # The extra epoch in CPU bf16 autocast: precision may change on resume (it is not part of
+    # what the checkpoint is), and this exercises the CPU bf16 training path.
+    summary = _train(*args, "--epochs", "3", "--precision", "bf16")
     assert (summary.start_epoch, summary.epochs_trained) == (2, [3])
     rows = _metrics(first_run["run"])
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[:2] == first_run["metrics"]  # history kept as it was, not retrained
-    assert rows[2]["augment_epoch_mismatches"] == 0
+    assert rows[2]["augment_epoch_mismatches"] == 0 and np.isfinite(rows[2]["train_loss"])
 
     again = _train(*args, "--epochs", "3")  # a finished run: nothing to do, no Ray Train
     assert again.epochs_trained == [] and _metrics(first_run["run"]) == rows
@@ -200,6 +202,21 @@ def test_train_transform_crops_flips_and_keeps_pairs_aligned():
     assert any(flipped) and not all(flipped)
     targets = mask_targets(torch.from_numpy(out["mask"]))
     assert targets.shape == (16, 1, 48, 48) and float(targets.max()) == 1.0
+
+
+@pytest.mark.parametrize("precision,device,expected", [
+    ("auto", "cpu", None), ("fp32", "cpu", None), ("bf16", "cpu", torch.bfloat16),
+    ("fp32", "cuda", None), ("fp16", "cuda", torch.float16), ("bf16", "cuda", torch.bfloat16),
+])
+def test_autocast_dtype(precision, device, expected):
+    cfg = tr.TrainConfig(precision=precision)
+    assert tr._autocast_dtype(cfg, torch.device(device)) == expected
+
+
+def test_fp16_needs_a_gpu(tmp_path, data, capsys):
+    rc = tr.main(["--images", str(data / "images"), "--masks", str(data / "masks"), *SMALL,
+                  "--output", str(tmp_path), "--name", "x", "--precision", "fp16"])
+    assert rc == 2 and "--use-gpu" in capsys.readouterr().err
 
 
 def test_cpu_budget_leaves_room_for_ray_data():
