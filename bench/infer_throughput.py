@@ -1,21 +1,25 @@
 """Inference throughput, side by side in one run: official-style loop, decode-only, model-only,
 and the end-to-end `jobs.infer` job on the same images with the same weights.
 
-    python bench/infer_throughput.py --model u2netp --count 64 --image-size 1920x1080
+    python bench/infer_throughput.py --model u2netp --count 256 --image-size 1920x1080
+    python bench/infer_throughput.py --model u2netp --count 256 --precision fp32 --modes model,e2e
     python bench/infer_throughput.py --device cuda --model u2net --count 20000 --batch-size 64 \\
         --precision bf16 --modes model,e2e
 
 Prints one JSON report (also written to --report) with images/s per mode and the ratios the
 project tracks: e2e / official (CPU target ≥ 2×) and e2e / model-from-memory (target ≥ 0.9).
+The e2e rate is over the job's pipeline wall time, start-up of the actors included; with
+`--marginal K` the job also runs on the first K images, and the difference of the two runs
+gives the steady-state rate and the fixed start-up cost separately. int8 is calibrated on
+32 generated images of another seed (`--calibration` to use a folder).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -25,23 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+from bench._machine import machine_info  # noqa: E402  (after the path set-up)
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
@@ -103,7 +91,7 @@ def decode_only(paths, size: int) -> float:
     return len(datas) / (time.perf_counter() - t0)
 
 
-def model_from_memory(paths, args, weights) -> float:
+def model_from_memory(paths, args, weights, calibration) -> float:
     """The job's own model path (U2NetPredictor.predict_uint8), fed pre-decoded uint8 inputs."""
     import torch
 
@@ -115,9 +103,15 @@ def model_from_memory(paths, args, weights) -> float:
     images = np.stack([d.array for d in decoded])
     gray = np.array([d.gray for d in decoded])
     cfg = ModelConfig(name=args.model, weights=weights, input_size=args.input_size,
-                      batch_size=args.batch_size, precision=args.precision)
-    pred = U2NetPredictor(cfg, weights, device=args.device, threads=torch.get_num_threads())
-    pred.predict_uint8(images[: args.batch_size], gray[: args.batch_size])  # warm-up
+                      batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    calib = None
+    if calibration:
+        from pipeline.processor import read_calibration
+
+        calib = read_calibration(calibration, args.input_size, 178_956_970)
+    pred = U2NetPredictor(cfg, weights, device=args.device, threads=torch.get_num_threads(),
+                          calibration=calib)
+    pred.predict_uint8(images[: args.batch_size], gray[: args.batch_size])  # warm-up, compile
     if args.device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -127,19 +121,34 @@ def model_from_memory(paths, args, weights) -> float:
     return len(images) / (time.perf_counter() - t0)
 
 
-def end_to_end(folder: Path, out: Path, args, weights) -> dict:
+def end_to_end(folder: Path, out: Path, args, weights, calibration) -> dict:
     from jobs import infer
 
     argv = ["--input", str(folder), "--output", str(out), "--model", args.model, "--weights", weights,
             "--input-size", str(args.input_size), "--batch-size", str(args.batch_size),
             "--precision", args.precision, "--overwrite"]
+    if calibration:
+        argv += ["--calibration", calibration]
+    if args.compile:
+        argv += ["--compile"]
     if args.e2e_args:
         argv += args.e2e_args.split()
     assert infer.main(argv) == 0
     summary = json.loads((out / "_run.json").read_text())
-    return {"images_per_s": summary["timings"]["images_per_s"],
+    return {"images": summary["processed"], "images_per_s": summary["timings"]["images_per_s"],
             "pipeline_s": summary["timings"]["pipeline_s"], "total_s": summary["timings"]["total_s"],
             "actors": summary["actors"]}
+
+
+def subset(folder: Path, paths: list[Path], k: int) -> Path:
+    """The first k images in a folder of their own (hard links: the same bytes, no copy)."""
+    sub = folder.parent / f"{folder.name}_first{k}"
+    if not sub.exists() or len(list(sub.glob("*.jpg"))) != k:
+        shutil.rmtree(sub, ignore_errors=True)
+        sub.mkdir(parents=True)
+        for p in paths[:k]:
+            os.link(p, sub / p.name)
+    return sub
 
 
 def main(argv=None) -> int:
@@ -150,7 +159,11 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", default="1920x1080")
     ap.add_argument("--input-size", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile in the model path and the job")
+    ap.add_argument("--calibration", default=None, help="int8 calibration folder (default: generated)")
+    ap.add_argument("--marginal", type=int, default=0, metavar="K",
+                    help="also run the job on the first K images: steady-state rate and fixed cost")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", default="official,decode,model,e2e")
     ap.add_argument("--official-count", type=int, default=None, help="images for the official loop (default: all)")
@@ -174,8 +187,13 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         weights = str(work / f"{args.model}_seed0.pth")
         save_weights(build_model(args.model), weights)
+    calibration = args.calibration
+    if args.precision == "int8" and not calibration:
+        calibration = str(work / "calibration")
+        if len(list(Path(calibration).glob("*.jpg"))) != 32:
+            make_images(Path(calibration), 32, (w, h), seed=1)
     modes = args.modes.split(",")
-    report = {"machine": machine(), "args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": {}}
+    report = {"machine": machine_info(), "args": vars(args), "date": time.strftime("%Y-%m-%d"), "results": {}}
     res = report["results"]
     if "official" in modes:
         model = load_weights(build_model(args.model), weights).eval()
@@ -184,15 +202,26 @@ def main(argv=None) -> int:
     if "decode" in modes:
         res["decode_ips_per_core"] = decode_only(paths, args.input_size)
     if "model" in modes:
-        res["model_from_memory_ips"] = model_from_memory(paths, args, weights)
+        res["model_from_memory_ips"] = model_from_memory(paths, args, weights, calibration)
     if "e2e" in modes:
-        e2e = end_to_end(folder, work / "e2e_out", args, weights)
+        e2e = end_to_end(folder, work / "e2e_out", args, weights, calibration)
         res["e2e_ips"] = e2e["images_per_s"]
         res["e2e"] = e2e
+        if args.marginal:
+            small = end_to_end(subset(folder, paths, args.marginal), work / "e2e_small_out", args,
+                               weights, calibration)
+            res["e2e_small"] = small
+            extra_s = e2e["pipeline_s"] - small["pipeline_s"]
+            res["e2e_marginal_ips"] = (e2e["images"] - small["images"]) / max(extra_s, 1e-9)
+            # Time the job spends that does not grow with the images: actor start-up, first
+            # batches through every stage, the sink's last files.
+            res["e2e_fixed_s"] = small["pipeline_s"] - small["images"] / res["e2e_marginal_ips"]
     if "e2e_ips" in res and "official_ips" in res:
         res["ratio_e2e_vs_official"] = res["e2e_ips"] / res["official_ips"]
     if "e2e_ips" in res and "model_from_memory_ips" in res:
         res["ratio_e2e_vs_model"] = res["e2e_ips"] / res["model_from_memory_ips"]
+    if "e2e_marginal_ips" in res and "model_from_memory_ips" in res:
+        res["ratio_e2e_marginal_vs_model"] = res["e2e_marginal_ips"] / res["model_from_memory_ips"]
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.report:

@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,21 +35,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "nproc": os.cpu_count()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return info
+from bench._machine import machine_info  # noqa: E402  (after the path set-up)
 
 
 def best_of(repeat: int, fn):
@@ -232,7 +217,7 @@ def main() -> int:
         torch.manual_seed(0)
         weights = str(work / "u2netp.pth")
         save_weights(build_model("u2netp"), weights)
-        report = {"machine": machine(), "planning": bench_planning(work, args.keys, args.repeat,
+        report = {"machine": machine_info(), "planning": bench_planning(work, args.keys, args.repeat,
                                                                    args.chunk_size)}
         if args.files:
             report["no_change_run"] = bench_no_change_run(work, args.files, weights)

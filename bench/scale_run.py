@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 import threading
@@ -30,6 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/scale_run.py` as well as `python -m bench.scale_run`
     sys.path.insert(0, str(REPO))
+
+from bench._machine import machine_info  # noqa: E402  (after the path set-up)
 
 FILES_PER_DIR = 1000  # a realistic prefix layout, and directories of a sane size
 
@@ -190,27 +191,6 @@ def _link_first_shards(packed: Path, dest: Path, images: int, shard_size: int) -
     return len(wanted)
 
 
-def _machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = 0
-    try:
-        mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
-    except (OSError, StopIteration):
-        pass
-    import pyarrow
-    import ray
-    import torch
-
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "mem_gib": round(mem / 2**20, 1),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "ray": ray.__version__, "torch": torch.__version__, "pyarrow": pyarrow.__version__}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000, help="images to generate and pack")
@@ -255,7 +235,7 @@ def main(argv=None) -> int:
     report: dict = {"started_at": datetime.now(timezone.utc).isoformat(),
                     "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "bench.scale_run",
                                          *(argv if argv is not None else sys.argv[1:])]),
-                    "machine": _machine(), "load_average_start": os.getloadavg(),
+                    "machine": machine_info(), "load_average_start": os.getloadavg(),
                     "params": vars(args), "stages": {}}
     stages = report["stages"]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,25 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cores": os.cpu_count(),
-            "platform": platform.platform(), "load_average_1m": os.getloadavg()[0]}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import ray
-    import torch
-
-    info["torch"] = torch.__version__
-    info["ray"] = ray.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+from bench._machine import machine_info  # noqa: E402  (after the path set-up)
 
 
 def make_data(root: Path, count: int, source_size: int, seed: int) -> Path:
@@ -70,7 +51,9 @@ def run_plain(args, data: Path) -> dict:
     torch.manual_seed(args.seed)
     pairs = [(p.name, p.read_bytes(), (data / "masks" / f"{p.stem}.png").read_bytes())
              for p in sorted((data / "images").iterdir())]
-    model = build_model(args.model).train()
+    # The job's model set-up: channels_last, and bf16 autocast when asked for.
+    model = build_model(args.model).train().to(memory_format=torch.channels_last)
+    amp = torch.bfloat16 if args.precision == "bf16" else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                            weight_decay=0)
     cfg = AugmentConfig(args.input_size, args.crop_size, "horizontal", args.seed)
@@ -90,9 +73,12 @@ def run_plain(args, data: Path) -> dict:
                                               "image": [c[1] for c in chosen],
                                               "mask": [c[2] for c in chosen]}), cfg)
             x = model_inputs(torch.from_numpy(batch["image"]), batch["gray"])
+            x = x.contiguous(memory_format=torch.channels_last)
             y = mask_targets(torch.from_numpy(batch["mask"]))
             t1 = time.perf_counter()
-            total, _ = deep_supervision_loss(model(x), y)
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(x)
+            total, _ = deep_supervision_loss(logits, y)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -126,7 +112,8 @@ def run_ray(args, data: Path, out: Path) -> dict:
             "--val-fraction", "0", "--output", str(out), "--name", f"bench-{int(time.time())}",
             "--model", args.model, "--workers", str(args.workers), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--input-size", str(args.input_size),
-            "--crop-size", str(args.crop_size), "--seed", str(args.seed)]
+            "--crop-size", str(args.crop_size), "--seed", str(args.seed),
+            "--precision", args.precision]
     if args.num_cpus:
         argv += ["--num-cpus", str(args.num_cpus)]
     t0 = time.perf_counter()
@@ -165,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=320)
     p.add_argument("--crop-size", type=int, default=288)
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="both modes (bf16: CPU autocast, as `jobs.train --precision bf16`)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the plain loop (default: all cores)")
     p.add_argument("--num-cpus", type=float, default=None,
@@ -177,7 +166,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_data(Path(tmp) / "data", args.count,
                                                             args.source_size, args.seed)
-        report = {"machine": machine(),
+        report = {"machine": machine_info(),
                   "settings": {k: v for k, v in vars(args).items() if k not in ("report",)},
                   "results": []}
         if args.mode in ("plain", "both"):

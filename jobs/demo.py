@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  training curves    {run_dir / 'curves.png'}")
     print(f"  held-out metrics   MAE {metrics['mae']:.3f}, max Fβ {metrics['max_f']:.3f}  ({metrics_path})")
     print(f"  contact sheet      {sheet}")
-    print(f"  timings            " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("  timings            " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     query = (f"select key, coverage, bbox from read_parquet('{tables}/masks/*.parquet') "
              "order by coverage desc limit 5")
     print(f"\nRead the tables with DuckDB:\n  {sys.executable} -c "

@@ -35,6 +35,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     from u2net_core.registry import MODELS
+    from u2net_core.runtime import PRECISIONS
 
     p.add_argument("--model", default="u2net", choices=sorted(MODELS), help="model variant")
     p.add_argument("--weights", default=None,
@@ -43,14 +44,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", default="none", choices=["none", "minmax"],
                    help="'minmax' stretches each map to 0..1 as the official tool and rembg do "
                         "(also on images with no salient object); default none")
-    p.add_argument("--batch-size", type=int, default=16, help="model batch size per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 8 on CPU, 64 on GPU, at 320 px)")
     p.add_argument("--actors", type=int, default=None,
                    help="model actors (default: one per GPU, or sized from the CPUs)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per model actor (default: 1 when the cluster has GPUs; 0.5 packs two per GPU)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved per model actor")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="autocast precision of the model stage (default fp32)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="model precision (default auto: bf16 where the CPU or GPU computes it "
+                        "natively, else fp32); int8 quantises on --calibration images (x86 CPUs)")
+    p.add_argument("--calibration", default=None, metavar="URI",
+                   help="int8: a folder of 8-64 images like the inputs, to calibrate the "
+                        "quantisation (its content is part of the model_id)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model in each actor: faster after a one-off compile of "
+                        "a minute or more per actor, so for long runs (BENCHMARKS.md)")
     p.add_argument("--max-pixels", type=int, default=178_956_970,
                    help="refuse images above this many pixels (decompression-bomb guard)")
 
@@ -75,8 +84,13 @@ def pipeline_config(args: argparse.Namespace):
     if not args.weights:
         raise UserError("--weights is required: U²-Net weights cannot be downloaded here. Pass the "
                         "official u2net.pth/u2netp.pth or weights from `u2net-ray train`.")
-    if args.input_size < 32 or args.batch_size < 1:
+    if args.input_size < 32 or (args.batch_size is not None and args.batch_size < 1):
         raise UserError("--input-size must be >= 32 and --batch-size >= 1")
+    if args.calibration and args.precision != "int8":
+        raise UserError("--calibration is for --precision int8 only")
+    if args.precision == "int8" and not args.calibration:
+        raise UserError("--precision int8 needs --calibration URI: a folder of 8-64 images like "
+                        "the inputs (the quantisation scales are measured on them)")
     return MaskPipelineConfig(
         source=SourceConfig(uri=args.input, kind=args.source, key_column=args.key_column,
                             image_column=args.image_column, uri_column=args.uri_column,
@@ -84,7 +98,8 @@ def pipeline_config(args: argparse.Namespace):
         model=ModelConfig(name=args.model, weights=args.weights, input_size=args.input_size,
                           normalize=args.normalize, batch_size=args.batch_size, actors=args.actors,
                           gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-                          precision=args.precision),
+                          precision=args.precision, calibration=args.calibration,
+                          compile=args.compile),
         decode=DecodeConfig(input_size=args.input_size, max_pixels=args.max_pixels),
         post=PostprocessConfig(mask_png=getattr(args, "mask_png", False),
                                mask_rle=getattr(args, "mask_rle", False),

@@ -11,7 +11,6 @@ Rerunning into the same output (after success or a kill) processes only keys wit
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from datetime import datetime, timezone

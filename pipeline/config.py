@@ -44,11 +44,15 @@ class ModelConfig:
     weights: str = ""
     input_size: int = 320
     normalize: Literal["none", "minmax"] = "none"
-    batch_size: int = 16
+    batch_size: Optional[int] = None  # None: chosen for the device by `plan_actors`
     actors: Optional[int] = None  # None: one per GPU on a GPU cluster, else sized from CPUs
     gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else CPU actors
     cpus_per_actor: Optional[float] = None  # None: 1 (GPU actors) / a share of the CPUs (CPU)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where the device computes it natively, else fp32 (`u2net_core.runtime`);
+    # int8: quantised on `calibration` images, x86 CPUs only.
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    calibration: Optional[str] = None  # int8: URI of a folder of representative images
+    compile: bool = False  # torch.compile the model in each actor (a minute or more per actor)
     channels_last: bool = True
 
 
@@ -73,7 +77,14 @@ class MaskPipelineConfig:
         self.decode.input_size = self.model.input_size
 
     def output_settings(self) -> dict:
-        """Every setting that changes the stored output: part of `model_id`."""
+        """Every setting that changes the stored output: part of `model_id`.
+
+        Precision enters as asked for: `auto` is one setting (the fastest mode within the
+        fidelity bound of tests/test_precision.py on whatever hardware runs it), so moving a
+        nightly job between CPU and GPU nodes does not make every row stale. `compile`,
+        batch size and actor layout are left out: they move maps by at most float rounding,
+        as two machines' kernels do (BENCHMARKS.md). int8 adds its calibration digest
+        (`pipeline.processor.read_weights`)."""
         return {
             "model": self.model.name,
             "input_size": self.model.input_size,

@@ -321,7 +321,8 @@ def run_reprocess(cfg, settings, *, chunk_size: int = 10_000, full: bool = False
     log = logging.getLogger("u2net_ray")
     t0 = time.perf_counter()
     run_id = run_id or new_run_id()
-    state_dict, model_id = read_weights(cfg)
+    run_model = read_weights(cfg)
+    model_id = run_model.model_id
     t_weights = time.perf_counter()
 
     listing = plan_source(cfg.source)
@@ -353,7 +354,7 @@ def run_reprocess(cfg, settings, *, chunk_size: int = 10_000, full: bool = False
     if chunks:
         if start_ray is not None:
             start_ray()
-        actors = _process_chunks(cfg, settings, work, chunks, state_dict, model_id, run_id,
+        actors = _process_chunks(cfg, settings, work, chunks, run_model, run_id,
                                  stored, rows_per_file, local_cores, snapshots, counts, log)
     t_end = time.perf_counter()
 
@@ -392,18 +393,19 @@ def run_reprocess(cfg, settings, *, chunk_size: int = 10_000, full: bool = False
     return summary
 
 
-def _process_chunks(cfg, settings, work: WorkPlan, chunks: list[Chunk], state_dict: dict,
-                    model_id: str, run_id: str, stored: StoredRows, rows_per_file: int,
+def _process_chunks(cfg, settings, work: WorkPlan, chunks: list[Chunk], run_model,
+                    run_id: str, stored: StoredRows, rows_per_file: int,
                     local_cores: int | None, snapshots: dict, counts: dict, log):
     """Run the pipeline once per chunk; `ChunkSink` commits each chunk before the next starts."""
     import ray
 
     from pipeline import iceberg
     from pipeline.predict import plan_actors
-    from pipeline.processor import LoadedWeights, build_mask_pipeline
+    from pipeline.processor import build_mask_pipeline
     from pipeline.sources import UNIT_SCHEMA, read_source
 
-    weights = LoadedWeights(ray.put(state_dict), model_id)
+    weights = run_model.put()
+    model_id = run_model.model_id
     actor_plan = plan_actors(cfg.model, ray.cluster_resources(), local_cores=local_cores)
     known_masks = stored.masks.column("key").combine_chunks()
     known_errors = stored.errors.column("key").combine_chunks()

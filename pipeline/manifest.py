@@ -31,7 +31,6 @@ bytes concurrently: no listing of any bucket is ever needed.
 from __future__ import annotations
 
 import posixpath
-from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -1,17 +1,17 @@
 """The U²-Net stage: an actor pool that turns uint8 inputs into fused probability maps.
 
-Weights are loaded once per actor (from the object store, put there once by the driver), the
-model runs under `torch.inference_mode`, and only the model runs here: decode and postprocess
-are CPU stages of their own. GPU actors are used when the cluster has GPUs (bf16/fp16
-autocast, channels_last, cudnn autotuning, pinned host buffers and non-blocking copies, and
-batches padded to a fixed shape so autotuned kernels are reused); CPU actors otherwise.
+Weights are loaded once per actor (from the object store, put there once by the driver), and
+only the model runs here: decode and postprocess are CPU stages of their own. How the forward
+pass runs (precision, channels_last, torch.compile, int8) is `u2net_core.runtime.InferenceModel`.
+GPU actors are used when the cluster has GPUs (pinned host buffers and non-blocking copies,
+batches padded to a fixed shape so cuDNN's autotuned kernels are reused); CPU actors otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,11 +23,26 @@ from pipeline.schema import RowStatus
 
 __all__ = ["U2NetPredictor", "ActorPlan", "plan_actors", "compute_model_id", "PREDICTED_FIELDS"]
 
+log = logging.getLogger("u2net_ray")
+
 PREDICTED_FIELDS = [
     ("prob_map", pa.binary()),
     ("map_height", pa.int16()),
     ("map_width", pa.int16()),
 ]
+
+
+def _fetch(value: Any) -> Any:
+    """An object-store reference resolved in the actor; anything else (a state dict, a path,
+    None: used without Ray in tests and notebooks) as it is."""
+    try:
+        import ray
+
+        if isinstance(value, ray.ObjectRef):
+            return ray.get(value)
+    except ImportError:
+        pass
+    return value
 
 
 def compute_model_id(state_dict: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
@@ -57,6 +72,19 @@ class ActorPlan:
     batch_size: int
 
 
+# Images per forward pass when `--batch-size` is not given, at 320×320 (scaled by pixel count
+# for other sizes). CPU: oneDNN gains nothing from larger batches once one image fills the
+# cores, and small batches keep the working set in cache (BENCHMARKS.md). GPU: large enough to
+# fill an H100-class card in bf16, small enough for 16 GB cards (U²-Net at 320, bf16, batch 64
+# peaks well under that; set --batch-size for smaller cards).
+DEFAULT_BATCH_320 = {"cpu": 8, "cuda": 64}
+
+
+def default_batch_size(device: str, input_size: int) -> int:
+    scaled = DEFAULT_BATCH_320[device] * (320 / input_size) ** 2
+    return int(min(max(1, round(scaled)), 8 * DEFAULT_BATCH_320[device]))
+
+
 def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int | None = None
                 ) -> ActorPlan:
     """Pure function of the config and `ray.cluster_resources()`, so it is tested on CPU.
@@ -65,7 +93,8 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
     side. CPU only: actors of `cpus_per_actor` CPUs (1 on small clusters, 4 on larger ones),
     using 3/4 of the CPUs and leaving the rest to read/decode/postprocess tasks; torch threads
     follow the reservation. `local_cores` is set for the embedded local Ray, where the model
-    is the bottleneck and may use every physical core.
+    is the bottleneck and may use every physical core. The batch size, when not given, is
+    chosen for the device (`default_batch_size`).
     """
     gpus = float(cluster.get("GPU", 0) or 0)
     cpus = float(cluster.get("CPU", 1) or 1)
@@ -74,75 +103,114 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
         per = cfg.gpus_per_actor or 1.0
         if gpus <= 0:
             raise ValueError("--gpus-per-actor was given but the cluster has no GPUs")
+        if cfg.precision == "int8":
+            raise ValueError("--precision int8 runs on CPU actors only; on GPUs use bf16 or fp16")
         actors = cfg.actors or max(1, int(gpus // per))
         num_cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
-        return ActorPlan("cuda", actors, per, num_cpus, max(1, int(num_cpus)), cfg.batch_size)
+        batch = cfg.batch_size or default_batch_size("cuda", cfg.input_size)
+        return ActorPlan("cuda", actors, per, num_cpus, max(1, int(num_cpus)), batch)
     per_cpu = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (4.0 if cpus >= 8 else 1.0)
     actors = cfg.actors or max(1, int((cpus * 0.75) // per_cpu))
     threads = max(1, int(per_cpu))
     if local_cores:
         threads = max(1, local_cores // actors)
-    return ActorPlan("cpu", actors, 0.0, per_cpu, threads, cfg.batch_size)
+    batch = cfg.batch_size or default_batch_size("cpu", cfg.input_size)
+    return ActorPlan("cpu", actors, 0.0, per_cpu, threads, batch)
+
+
+class _DeviceFeed:
+    """Host → device copies on a side stream (CUDA), so the next batch travels while the
+    current one computes; on CPU a pass-through, so the predictor's loop is one loop."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(self, host_tensor):
+        if self.stream is None:
+            return host_tensor, None
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            tensor = host_tensor.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return tensor, done
+
+    def get(self, item):
+        tensor, done = item
+        if done is not None:
+            import torch
+
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            tensor.record_stream(compute)  # the allocator must not reuse it before compute ends
+        return tensor
 
 
 class U2NetPredictor:
     """Ray Data callable class (one instance per actor)."""
 
-    def __init__(self, cfg: ModelConfig, weights: Any, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, weights: Any, device: str = "cpu", threads: int = 1,
+                 calibration: Any = None) -> None:
         import torch
 
         from u2net_core import build_model, load_weights
+        from u2net_core.runtime import InferenceModel
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        try:
-            import ray
-
-            if isinstance(weights, ray.ObjectRef):
-                weights = ray.get(weights)
-        except ImportError:  # used without Ray (tests, notebooks): weights is a dict or a path
-            pass
+        weights, calibration = _fetch(weights), _fetch(calibration)
         self.cfg = cfg
         self.device = torch.device(device)
-        model = load_weights(build_model(cfg.name), weights).eval()
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune once
-        model = model.to(self.device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.pad_batches = self.device.type == "cuda"
+        # `build_mask_pipeline` passes the plan's batch size; direct users may leave it open.
+        self.batch_size = cfg.batch_size or default_batch_size(self.device.type, cfg.input_size)
+        model = load_weights(build_model(cfg.name), weights)
+        # Compiled models are specialised to one shape and GPUs autotune per shape: both get
+        # every batch padded to `batch_size` (the padding rows are dropped after the forward).
+        self.pad_batches = self.device.type == "cuda" or cfg.compile or cfg.precision == "int8"
+        self.model = InferenceModel(model, self.device, cfg.precision,
+                                    channels_last=cfg.channels_last, compile=cfg.compile,
+                                    fixed_batch=self.batch_size if self.pad_batches else None,
+                                    calibration=calibration)
+        log.info("model actor: %s", json.dumps({"model": cfg.name, "threads": threads,
+                                                 **self.model.describe()}))
 
     def predict_uint8(self, images: np.ndarray, gray: np.ndarray) -> np.ndarray:
-        """N×S×S×3 uint8 → N×S×S uint8 fused probability maps."""
+        """N×S×S×3 uint8 → N×S×S uint8 fused probability maps.
+
+        The same loop on every device. On CUDA the inputs are page-locked once, batch k+1 is
+        copied on a side stream while batch k computes, the maps stay on the GPU as uint8
+        and come back in one copy: one host sync per call, not one per batch.
+        """
         import torch
 
-        from u2net_core.transforms import normalize, probabilities, to_uint8_map
+        from u2net_core.transforms import normalize, probabilities, quantize_map
 
-        n = images.shape[0]
-        out = np.empty(images.shape[:3], np.uint8)
-        bs = self.cfg.batch_size
-        for start in range(0, n, bs):
-            chunk = torch.from_numpy(images[start:start + bs])
-            g = gray[start:start + bs]
-            real = chunk.shape[0]
-            if self.pad_batches and real < bs:
-                pad = bs - real
+        n, bs = images.shape[0], self.batch_size
+        host = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        spans = [(start, min(n, start + bs)) for start in range(0, n, bs)]
+        feed = _DeviceFeed(self.device)
+        pending = feed.put(host[spans[0][0]:spans[0][1]]) if spans else None
+        maps = []
+        for k, (start, stop) in enumerate(spans):
+            chunk = feed.get(pending)
+            if k + 1 < len(spans):  # queued now: overlaps with this batch's forward
+                pending = feed.put(host[spans[k + 1][0]:spans[k + 1][1]])
+            g = gray[start:stop]
+            if self.pad_batches and stop - start < bs:
+                pad = bs - (stop - start)
                 chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
                 g = np.concatenate([g, np.repeat(g[-1:], pad)])
-            if self.device.type == "cuda":
-                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-            x = normalize(chunk, gray=g)
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(
-                    self.device.type, dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None):
-                d0 = self.model(x)[0]
-            prob = probabilities(d0, self.cfg.normalize)
-            out[start:start + real] = to_uint8_map(prob[:real])
-        return out
+            d0 = self.model(normalize(chunk, gray=g))
+            maps.append(quantize_map(probabilities(d0, self.cfg.normalize))[:stop - start])
+        if not maps:
+            return np.empty(images.shape[:3], np.uint8)
+        return torch.cat(maps).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = RowStatus(batch)

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 

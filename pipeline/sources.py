@@ -14,7 +14,6 @@ error row naming both sources: an ambiguous key has no right answer to store.
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterable

@@ -15,6 +15,20 @@ LOCAL_RAY_CPUS = 4
 
 
 @pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> str:
+    """Seeded random U²-Net† weights: what tests of plumbing need (speed and shapes do not
+    depend on training; tests that need a trained model use tests/fixtures/)."""
+    import torch
+
+    from u2net_core import build_model, save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "u2netp.pth"
+    save_weights(build_model("u2netp"), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 

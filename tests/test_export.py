@@ -122,7 +122,8 @@ def test_rembg_u2net_custom_code_path_matches_pipeline(dynamic_session):
     from pipeline.predict import U2NetPredictor
 
     session = dynamic_session
-    predictor = U2NetPredictor(ModelConfig(name="u2netp", normalize="minmax", batch_size=1),
+    predictor = U2NetPredictor(ModelConfig(name="u2netp", normalize="minmax", batch_size=1,
+                                           precision="fp32"),
                                torch.load(WEIGHTS, weights_only=True))
 
     # At 320×320 no resampling happens on either side: only rembg's truncation to uint8

@@ -1,14 +1,13 @@
 """The model is the official network: keys, shapes, parameter counts and outputs."""
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 import u2net_core
-from u2net_core import build_model, load_weights, WeightsMismatchError
+from u2net_core import build_model
 from tests import official_u2net
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,22 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-import torch
 from PIL import Image
 
 from pipeline import shards, storage
-from u2net_core import build_model, save_weights
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "u2netp.pth"
-    save_weights(build_model("u2netp"), path)
-    return str(path)
 
 
 def _image(seed: int, fmt: str = "PNG") -> bytes:

@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "probabilities", "to_uint8_map",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "probabilities", "quantize_map", "to_uint8_map",
            "NormalizeMode"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,6 +73,12 @@ def probabilities(logits: torch.Tensor, mode: NormalizeMode = "none") -> torch.T
     return p
 
 
+def quantize_map(prob: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] → uint8 maps on the same device (rounded, so p ≥ 0.5 ⇔
+    value ≥ 128)."""
+    return torch.round(prob.clamp(0, 1) * 255).to(torch.uint8)
+
+
 def to_uint8_map(prob: torch.Tensor) -> np.ndarray:
-    """Probabilities in [0, 1] → uint8 maps (rounded, so p ≥ 0.5 ⇔ value ≥ 128)."""
-    return torch.round(prob.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+    """`quantize_map`, as a host numpy array."""
+    return quantize_map(prob).cpu().numpy()

@@ -1,0 +1,72 @@
+"""The model stage: placement chosen from the cluster's resources (GPU rules included, on CPU),
+and the predictor's batching loop against the model called one image at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.predict import U2NetPredictor, default_batch_size, plan_actors
+from u2net_core import build_model, load_weights, normalize, probabilities, to_uint8_map
+
+
+@pytest.mark.parametrize("cluster,kwargs,expected", [
+    # A GPU cluster: one actor per GPU, 1 CPU each, a batch that fills the card.
+    ({"CPU": 32, "GPU": 4}, {}, ("cuda", 4, 1.0, 1.0, 64)),
+    # Two actors share each GPU.
+    ({"CPU": 32, "GPU": 4}, {"gpus_per_actor": 0.5}, ("cuda", 8, 0.5, 1.0, 64)),
+    # CPU only, small: 1-CPU actors on 3/4 of the CPUs.
+    ({"CPU": 2}, {}, ("cpu", 1, 0.0, 1.0, 8)),
+    # CPU only, large: 4-CPU actors.
+    ({"CPU": 64}, {}, ("cpu", 12, 0.0, 4.0, 8)),
+    # Explicit settings win.
+    ({"CPU": 64, "GPU": 2}, {"actors": 1, "batch_size": 16, "cpus_per_actor": 4},
+     ("cuda", 1, 1.0, 4.0, 16)),
+])
+def test_plan_actors(cluster, kwargs, expected):
+    plan = plan_actors(ModelConfig(**kwargs), cluster)
+    assert (plan.device, plan.actors, plan.num_gpus, plan.num_cpus, plan.batch_size) == expected
+
+
+def test_gpus_per_actor_without_gpus_is_an_error():
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_actors(ModelConfig(gpus_per_actor=1), {"CPU": 8})
+
+
+def test_local_ray_threads_use_every_core():
+    plan = plan_actors(ModelConfig(), {"CPU": 2}, local_cores=2)
+    assert (plan.actors, plan.threads) == (1, 2)
+
+
+def test_default_batch_scales_with_pixels():
+    assert default_batch_size("cpu", 320) == 8
+    assert default_batch_size("cuda", 320) == 64
+    assert default_batch_size("cuda", 640) == 16
+    assert default_batch_size("cuda", 64) == 512  # capped at 8× the 320 default
+    assert default_batch_size("cpu", 1024) == 1
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_predictor_batches_equal_single_images(weights, pad):
+    """Batches of 4 over 11 images (a short last batch), padded as compiled/GPU actors pad,
+    with a gray-flagged image: the same maps as the model run on each image alone."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    gray = np.zeros(11, bool)
+    gray[5] = True
+    images[5] = images[5, :, :, :1]  # a gray image, as decode ships it: three equal channels
+    pred = U2NetPredictor(ModelConfig(name="u2netp", input_size=64, batch_size=4, precision="fp32"),
+                          weights, threads=1)
+    pred.pad_batches = pad
+    got = pred.predict_uint8(images, gray)
+
+    model = load_weights(build_model("u2netp"), weights).eval()
+    with torch.inference_mode():
+        want = np.concatenate([to_uint8_map(probabilities(model(normalize(images[i:i + 1],
+                                                                          gray=gray[i:i + 1]))[0]))
+                               for i in range(11)])
+    assert got.shape == (11, 64, 64) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1  # batched vs single conv rounding
+    assert pred.predict_uint8(images[:0], gray[:0]).shape == (0, 64, 64)
