@@ -137,7 +137,7 @@ def end_to_end(folder: Path, out: Path, args, weights, calibration) -> dict:
     summary = json.loads((out / "_run.json").read_text())
     return {"images": summary["processed"], "images_per_s": summary["timings"]["images_per_s"],
             "pipeline_s": summary["timings"]["pipeline_s"], "total_s": summary["timings"]["total_s"],
-            "actors": summary["actors"]}
+            "actors": summary["actors"], "stages": summary.get("stages", {})}
 
 
 def subset(folder: Path, paths: list[Path], k: int) -> Path:
@@ -207,6 +207,12 @@ def main(argv=None) -> int:
         e2e = end_to_end(folder, work / "e2e_out", args, weights, calibration)
         res["e2e_ips"] = e2e["images_per_s"]
         res["e2e"] = e2e
+        model_stage = e2e["stages"].get("MapBatches(U2NetPredictor)", {})
+        if model_stage.get("task_wall_s") is not None:
+            # Share of the pipeline's wall time that the model actors spent inside calls
+            # (target on GPU: > 0.9; the rest is start-up and waiting for input).
+            res["model_stage_busy_fraction"] = model_stage["task_wall_s"] / (
+                e2e["pipeline_s"] * e2e["actors"]["count"])
         if args.marginal:
             small = end_to_end(subset(folder, paths, args.marginal), work / "e2e_small_out", args,
                                weights, calibration)

@@ -93,6 +93,10 @@ def test_bad_input_corpus_every_key_once(ray_local, tmp_path, weights):
     assert bomb["error_type"] == "DecompressionBomb"
     assert summary["inputs"] == summary["masks"] + summary["errors"] == len(corpus)
     assert summary["listed"] == len(corpus)
+    # Where the time went, per stage; failed rows flow through every stage as data.
+    stages = summary["stages"]
+    assert stages["MapBatches(U2NetPredictor)"]["rows"] == len(corpus)
+    assert all(s["task_wall_s"] is not None and s["task_wall_s"] >= 0 for s in stages.values())
 
 
 def test_maps_equal_u2net_core_and_independent_readers(ray_local, tmp_path, weights):

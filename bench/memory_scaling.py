@@ -1,0 +1,63 @@
+"""Memory flatness: peak RSS of a pack → infer run at two dataset sizes, side by side.
+
+    python -m bench.memory_scaling --small 10000 --large 100000
+
+Runs `bench.scale_run` once per size (each in its own process and its own local Ray, so no
+peak carries over), then prints the peak RSS of the driver, of the largest Ray worker process
+and of Ray's own processes during the inference stage, and the large/small ratio of each.
+Target (issue 7): within 10% (ratio ≤ 1.10) from 10k to 100k images. What must grow with the
+dataset is said next to it: the driver holds the plan (one row per input) and reads the
+tables' key columns back to reconcile them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+KEYS = ("driver_rss", "worker_rss_max", "workers_rss_sum", "other_children_rss_sum")
+
+
+def run_scale(images: int, workdir: Path, extra: list[str]) -> dict:
+    report = workdir / f"scale_{images}.json"
+    cmd = [sys.executable, "-m", "bench.scale_run", "--images", str(images),
+           "--workdir", str(workdir / f"run_{images}"), "--report", str(report), *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads(report.read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", type=int, default=10_000)
+    ap.add_argument("--large", type=int, default=100_000)
+    ap.add_argument("--workdir", default=str(REPO / ".bench_out" / "memory_scaling"))
+    ap.add_argument("--report", default=str(REPO / ".bench_out" / "memory_scaling.json"))
+    ap.add_argument("scale_args", nargs="*", help="passed to bench.scale_run (after --)")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {n: run_scale(n, work, args.scale_args) for n in (args.small, args.large)}
+    small, large = (runs[args.small]["memory_mib"], runs[args.large]["memory_mib"])
+    result = {"small": args.small, "large": args.large, "stages": {}}
+    for stage in ("pack", "infer"):
+        rows = {}
+        for key in KEYS:
+            a, b = small.get(stage, {}).get(key), large.get(stage, {}).get(key)
+            if a and b:
+                rows[key] = {"small_mib": a, "large_mib": b, "ratio": round(b / a, 3)}
+        result["stages"][stage] = rows
+    result["infer_wall_s"] = {n: r["stages"]["infer"]["wall_s"] for n, r in runs.items()}
+    result["reports"] = {n: str(work / f"scale_{n}.json") for n in runs}
+    Path(args.report).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
