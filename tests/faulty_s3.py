@@ -9,6 +9,11 @@ store stays unreachable. moto never does any of that, so this proxy does it on p
     ... point jobs at proxy.endpoint ...
     proxy.snapshot()  # what was injected: a test asserts the faults really happened
 
+`hold(pattern)` keeps object GETs whose key matches waiting until `release()`: a test holds
+back part of a job's input, so a fault it triggers by what the job has written lands while
+that part is still to do, however fast the machine (a held GET from a process that died
+meanwhile is forwarded on release into a closed socket, harmlessly).
+
 `fail_first={"PUT": 1}` makes sure a path is hit: the first request(s) of that method in the
 window fail whatever the dice say, and the window stays open (at most `max_duration` s) until
 they have. A job writes only a few files and its first write may come late on a loaded
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -48,6 +54,7 @@ class FaultStats:
     delayed: int = 0
     forwarded: int = 0
     failed_methods: dict | None = None  # method → count of injected errors
+    held: int = 0  # GETs that waited at the gate of `hold()`
 
 
 @dataclass
@@ -69,6 +76,10 @@ class FaultyS3Proxy:
         self._lock = threading.Lock()
         self._plan = _Plan(until=0.0)
         self.stats = FaultStats(failed_methods={})
+        self._hold: re.Pattern | None = None
+        self._gate = threading.Event()
+        self._gate.set()
+        self._hold_deadline = 0.0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -93,6 +104,31 @@ class FaultyS3Proxy:
         """Every request answered 503 SlowDown until `heal()`: storage that stays unusable."""
         self.inject(error_rate=1.0, statuses=(503,))
 
+    def hold(self, key_pattern: str, max_hold: float = 300.0) -> None:
+        """Object GETs whose path matches `key_pattern` (a regex searched in the unquoted
+        path, query excluded: listings are never held) wait until `release()`, and at most
+        `max_hold` s: a test whose premise is wrong then fails on its assertions, not by
+        hanging the tier."""
+        with self._lock:
+            self._hold = re.compile(key_pattern)
+            self._hold_deadline = time.monotonic() + max_hold
+            self._gate.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._hold = None
+            self._gate.set()
+
+    def _wait_at_gate(self, method: str, path: str) -> None:
+        with self._lock:
+            pattern, deadline = self._hold, self._hold_deadline
+            held = (method == "GET" and pattern is not None
+                    and pattern.search(urllib.parse.unquote(urllib.parse.urlsplit(path).path)))
+            if held:
+                self.stats.held += 1
+        if held:
+            self._gate.wait(max(0.0, deadline - time.monotonic()))
+
     def heal(self) -> None:
         with self._lock:
             self._plan = _Plan(until=0.0)
@@ -101,6 +137,7 @@ class FaultyS3Proxy:
         with self._lock:
             return {"requests": self.stats.requests, "failed": self.stats.failed,
                     "delayed": self.stats.delayed, "forwarded": self.stats.forwarded,
+                    "held": self.stats.held,
                     "failed_methods": dict(self.stats.failed_methods or {})}
 
     def _active(self, plan: _Plan) -> bool:  # with the lock held
@@ -164,6 +201,7 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()  # always consume it, also when answering with an error
+                proxy._wait_at_gate(self.command, self.path)
                 status, delay = proxy._decide(self.command)
                 if status is not None:
                     code, message = _ERRORS.get(status, ("InternalError", "injected"))
@@ -213,6 +251,7 @@ class FaultyS3Proxy:
         return self
 
     def stop(self) -> None:
+        self.release()  # no handler thread left waiting at the gate
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -8,7 +8,9 @@ error row).
 
 Mid-run faults are triggered by what the job has written (the first masks file in S3, while
 a model actor is alive), never by a sleep, and each test checks that the fault landed while
-work remained; otherwise it would prove nothing.
+work remained; otherwise it would prove nothing. That work is held back on purpose: the job
+reads its input through a proxy that keeps the second half of the images waiting until the
+fault is in (`_HalfHeld`), so no machine is fast enough to finish before it lands.
 """
 
 from __future__ import annotations
@@ -25,12 +27,35 @@ from tests.faulty_s3 import FaultyS3Proxy
 
 pytestmark = pytest.mark.cluster
 
-# 64 images at 128 px and one model actor: the job reads them in two blocks of 32, and the
-# actor takes the second (~9 s of model time on one core) as the first one's masks are
-# written, so a fault triggered by the first masks file lands with half of the work to go.
-# One actor also keeps the tier's CPU bill down: every actor start imports torch.
+# 64 images at 128 px and one model actor: the job lists them sorted and reads them in two
+# tasks of 32 (`files_per_read_task`), all of d0/ and then all of d1/. One actor also keeps
+# the tier's CPU bill down: every actor start imports torch.
 N_IMAGES, SIZE = 64, "128"
 BROKEN = "d0/broken.jpg"  # an input that is the image's fault: it belongs in mask_errors
+
+
+class _HalfHeld:
+    """The job's S3 endpoint for a mid-run fault: a proxy that holds every GET of a d1/
+    image until `release()`. The d0/ half goes through, its masks are written, and the
+    test injects its fault while the rest is still unread; then it lets the rest through.
+    (Once the model ran ~3x faster in bf16, a job could end between two polls.)"""
+
+    def __init__(self, s3_server: str) -> None:
+        self.proxy = FaultyS3Proxy(s3_server).start()
+        self.proxy.hold(r"/in/d1/[^/]+$")
+        self.endpoint = self.proxy.endpoint
+
+    def release(self) -> None:
+        self.proxy.release()
+
+    def close(self) -> None:
+        self.proxy.stop()
+
+    def __enter__(self) -> "_HalfHeld":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _inputs(endpoint: str, bucket: str, n: int = N_IMAGES, broken: bool = False
@@ -74,19 +99,20 @@ def _assert_mid_run(endpoint: str, bucket: str, n: int = N_IMAGES) -> int:
 def test_model_actor_killed_mid_run(ray_cluster, s3_server):
     bucket = "fault-actor"
     keys, weights = _inputs(s3_server, bucket)
-    job = ray_cluster.submit(_args(bucket, weights), s3_env(s3_server))
-    actor, _ = job.wait_until(
-        lambda: _written(s3_server, bucket) and _model_actor_on_worker(ray_cluster),
-        "the first masks file while the model actor is alive")
-    os.kill(actor["pid"], signal.SIGKILL)  # the actor's worker process, on this host
-    _assert_mid_run(s3_server, bucket)
-    poll(lambda: not _alive(actor["pid"]), 30, f"actor process {actor['pid']} to die")
-    # The job's only model actor is gone: it goes on only if Ray Data brings one back.
-    job.wait_until(lambda: [a for a in ray_cluster.actors("U2NetPredictor")
-                            if a.get("pid") and a["pid"] != actor["pid"]],
-                   "a model actor to replace the killed one")
-
-    job.succeeded()
+    with _HalfHeld(s3_server) as store:
+        job = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
+        actor, _ = job.wait_until(
+            lambda: _written(s3_server, bucket) and _model_actor_on_worker(ray_cluster),
+            "the first masks file while the model actor is alive")
+        os.kill(actor["pid"], signal.SIGKILL)  # the actor's worker process, on this host
+        _assert_mid_run(s3_server, bucket)
+        store.release()
+        poll(lambda: not _alive(actor["pid"]), 30, f"actor process {actor['pid']} to die")
+        # The job's only model actor is gone: it goes on only if Ray Data brings one back.
+        job.wait_until(lambda: [a for a in ray_cluster.actors("U2NetPredictor")
+                                if a.get("pid") and a["pid"] != actor["pid"]],
+                       "a model actor to replace the killed one")
+        job.succeeded()
     assert_every_key_once(s3_server, bucket, "out", keys)
     summary = run_summary(s3_server, bucket, "out")
     assert summary["masks"] == N_IMAGES and summary["errors"] == 0
@@ -105,7 +131,8 @@ def _alive(pid: int) -> bool:
 def test_worker_node_killed_mid_run(ray_cluster, s3_server):
     bucket = "fault-node"
     keys, weights = _inputs(s3_server, bucket)
-    job = ray_cluster.submit(_args(bucket, weights), s3_env(s3_server))
+    store = _HalfHeld(s3_server)
+    job = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
     _, node = job.wait_until(
         lambda: _written(s3_server, bucket) and _model_actor_on_worker(ray_cluster),
         "the first masks file while the model actor runs on a worker node")
@@ -113,6 +140,7 @@ def test_worker_node_killed_mid_run(ray_cluster, s3_server):
     try:
         ray_cluster.kill_node(node)  # raylet, object store, agents, workers: the whole machine
         _assert_mid_run(s3_server, bucket)
+        store.release()
         # A replacement joins while the job goes on, as an autoscaler would bring one; the
         # job must get through on what is left meanwhile (the head has no CPUs, so one
         # worker node), and the next tests get a 3-node cluster again.
@@ -124,6 +152,7 @@ def test_worker_node_killed_mid_run(ray_cluster, s3_server):
         assert_every_key_once(s3_server, bucket, "out", keys)
         assert run_summary(s3_server, bucket, "out")["masks"] == N_IMAGES
     finally:
+        store.close()
         if replacement is None and node.name not in ray_cluster.nodes:
             replacement = ray_cluster.start_worker(wait=False)
         if replacement is not None:
@@ -135,12 +164,13 @@ def test_driver_stopped_mid_run_then_resubmitted(ray_cluster, s3_server):
     rerun skips what is done and ends with every key once, the broken input in mask_errors."""
     bucket = "fault-driver"
     keys, weights = _inputs(s3_server, bucket, broken=True)
-    first = ray_cluster.submit(_args(bucket, weights), s3_env(s3_server))
-    first.wait_until(lambda: _written(s3_server, bucket), "the first masks file")
-    first.stop()  # `ray job stop`: SIGTERM to the driver, SIGKILL after a grace period
-    assert first.wait() == "STOPPED"
-    # Nothing writes any more: the job's workers die with its driver.
-    done = _assert_mid_run(s3_server, bucket)
+    with _HalfHeld(s3_server) as store:
+        first = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
+        first.wait_until(lambda: _written(s3_server, bucket), "the first masks file")
+        first.stop()  # `ray job stop`: SIGTERM to the driver, SIGKILL after a grace period
+        assert first.wait() == "STOPPED"
+        # Nothing writes any more: the job's workers die with its driver.
+        done = _assert_mid_run(s3_server, bucket)
     assert done > 0
 
     second = ray_cluster.submit(_args(bucket, weights), s3_env(s3_server))
