@@ -3,8 +3,9 @@
     python -m bench.memory_scaling --small 10000 --large 100000
 
 Runs `bench.scale_run` once per size (each in its own process and its own local Ray, so no
-peak carries over), then prints the peak RSS of the driver, of the largest Ray worker process
-and of Ray's own processes during the inference stage, and the large/small ratio of each.
+peak carries over), then prints the peak RSS and the peak private memory of the driver, of
+the largest Ray worker process and of all workers, and the RSS of Ray's own processes, per
+stage, with the large/small ratio of each.
 Target (issue 7): within 10% (ratio ≤ 1.10) from 10k to 100k images. What must grow with the
 dataset is said next to it: the driver holds the plan (one row per input) and reads the
 tables' key columns back to reconcile them.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-KEYS = ("driver_rss", "worker_rss_max", "workers_rss_sum", "other_children_rss_sum")
+KEYS = ("driver_rss", "driver_private", "worker_rss_max", "worker_private_max", "workers_rss_sum",
+        "workers_private_sum", "other_children_rss_sum")
 
 
 def run_scale(images: int, workdir: Path, extra: list[str]) -> dict:

@@ -38,15 +38,21 @@ FILES_PER_DIR = 1000  # a realistic prefix layout, and directories of a sane siz
 # ---------------------------------------------------------------------------------------------
 # Memory sampling from /proc (psutil is not a dependency)
 
-def _rss_bytes(pid: int) -> int:
+def _rss_bytes(pid: int) -> tuple[int, int]:
+    """(resident, private) bytes of a process: VmRSS, and RssAnon, its anonymous memory alone.
+    VmRSS also counts shared pages it has touched: the object store's shared memory, which a
+    Ray worker maps as it reads blocks, and which grows with the run, not with the process."""
+    rss = anon = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return rss, anon
 
 
 def _cmdline(pid: int) -> str:
@@ -71,12 +77,14 @@ def _parent_map() -> dict[int, int]:
 
 
 class MemorySampler:
-    """Samples RSS twice a second: the driver, this run's Ray worker processes (`ray::…`) and
-    this run's other Ray processes (raylet, GCS, agents), with the peaks kept per stage. Only
-    descendants of this process count: other Ray clusters on the host are not ours. RSS counts
-    shared pages (the object store's mapped memory, torch's libraries) in every process that
-    maps them, so the sums are upper bounds; the per-process maxima are the numbers to size a
-    machine by."""
+    """Samples memory twice a second: the driver, this run's Ray worker processes (`ray::…`)
+    and this run's other Ray processes (raylet, GCS, agents), with the peaks kept per stage.
+    Only descendants of this process count: other Ray clusters on the host are not ours.
+
+    Two measures per process: RSS, which counts shared pages (the object store's mapped
+    memory, torch's libraries) in every process that maps them, so its sums are upper bounds;
+    and private (anonymous) memory, which is the process's own heap: what grows if something
+    in it keeps per-row state. The object store itself is sized by Ray, not by the data."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
@@ -91,23 +99,25 @@ class MemorySampler:
         children: dict[int, list[int]] = {}
         for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
-        totals = {"driver": _rss_bytes(me), "worker": 0, "ray_system": 0}
-        worker_max = workers = 0
+        driver_rss, driver_private = _rss_bytes(me)
+        values = {"driver_rss": driver_rss, "driver_private": driver_private,
+                  "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
+                  "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0}
         stack = list(children.get(me, []))
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
-            rss = _rss_bytes(pid)
+            rss, private = _rss_bytes(pid)
             if _cmdline(pid).startswith("ray::"):
-                totals["worker"] += rss
-                worker_max = max(worker_max, rss)
-                workers += 1
+                values["workers_rss_sum"] += rss
+                values["worker_rss_max"] = max(values["worker_rss_max"], rss)
+                values["workers_private_sum"] += private
+                values["worker_private_max"] = max(values["worker_private_max"], private)
+                values["worker_processes"] += 1
             else:  # raylet, gcs_server, agents, idle workers, the image generator's processes
-                totals["ray_system"] += rss
+                values["other_children_rss_sum"] += rss
         p = self.peaks.setdefault(self.stage, {})
-        for key, value in (("driver_rss", totals["driver"]), ("workers_rss_sum", totals["worker"]),
-                           ("worker_rss_max", worker_max), ("other_children_rss_sum", totals["ray_system"]),
-                           ("worker_processes", workers)):
+        for key, value in values.items():
             p[key] = max(p.get(key, 0), value)
 
     def _run(self) -> None:

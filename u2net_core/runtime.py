@@ -94,7 +94,7 @@ class InferenceModel:
     N×3×S×S float input; it returns the fused logits N×1×S×S as float32.
 
     `calibration` is `(images, gray)`: uint8 N×S×S×3 inputs and their gray flags, as the
-    decode stage ships them; int8 needs it (16–64 representative images). `fixed_batch`: the
+    decode stage ships them; int8 needs it (8–64 representative images). `fixed_batch`: the
     batch size every call will have (compiled and int8 models are specialised to it).
     """
 
@@ -125,7 +125,7 @@ class InferenceModel:
             self.autocast_dtype = None
         if self.precision == "int8":
             if calibration is None:
-                raise ValueError("int8 needs calibration images (16-64 representative inputs)")
+                raise ValueError("int8 needs calibration images (8-64 representative inputs)")
             model = self._quantize(model, calibration)
         if self.compiled:
             import torch._inductor.config as inductor_config
