@@ -13,6 +13,7 @@ The report says which numbers cover how many images.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -38,7 +39,7 @@ FILES_PER_DIR = 1000  # a realistic prefix layout, and directories of a sane siz
 # ---------------------------------------------------------------------------------------------
 # Memory sampling from /proc (psutil is not a dependency)
 
-def _rss_bytes(pid: int) -> tuple[int, int]:
+def _memory_bytes(pid: int) -> tuple[int, int]:
     """(resident, private) bytes of a process: VmRSS, and RssAnon, its anonymous memory alone.
     VmRSS also counts shared pages it has touched: the object store's shared memory, which a
     Ray worker maps as it reads blocks, and which grows with the run, not with the process."""
@@ -99,7 +100,7 @@ class MemorySampler:
         children: dict[int, list[int]] = {}
         for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
-        driver_rss, driver_private = _rss_bytes(me)
+        driver_rss, driver_private = _memory_bytes(me)
         values = {"driver_rss": driver_rss, "driver_private": driver_private,
                   "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
                   "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0}
@@ -107,7 +108,7 @@ class MemorySampler:
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
-            rss, private = _rss_bytes(pid)
+            rss, private = _memory_bytes(pid)
             if _cmdline(pid).startswith("ray::"):
                 values["workers_rss_sum"] += rss
                 values["worker_rss_max"] = max(values["worker_rss_max"], rss)
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
                 # What the driver holds as the stage starts: the stage's own growth is its
                 # peak minus this (earlier stages' state stays resident).
                 stages.setdefault(name, {})["driver_private_at_start_mib"] = round(
-                    _rss_bytes(os.getpid())[1] / 2**20, 1)
+                    _memory_bytes(os.getpid())[1] / 2**20, 1)
                 self.t0 = time.perf_counter()
                 return self
 
@@ -335,9 +336,7 @@ def main(argv=None) -> int:
                 n_infer = min(args.images, used * args.shard_size)
             # The benchmark's own listing and plans are not the inference job's: let them go,
             # so the driver's peak in the infer stage is closer to the job's own.
-            del entries, units, plan, summary, again
-            import gc
-
+            del entries, units, plan
             gc.collect()
             torch.manual_seed(0)
             weights = work / f"{args.model}.pth"

@@ -54,7 +54,6 @@ class FaultStats:
     delayed: int = 0
     forwarded: int = 0
     failed_methods: dict | None = None  # method → count of injected errors
-    held: int = 0  # GETs that waited at the gate of `hold()`
 
 
 @dataclass
@@ -122,11 +121,8 @@ class FaultyS3Proxy:
     def _wait_at_gate(self, method: str, path: str) -> None:
         with self._lock:
             pattern, deadline = self._hold, self._hold_deadline
-            held = (method == "GET" and pattern is not None
-                    and pattern.search(urllib.parse.unquote(urllib.parse.urlsplit(path).path)))
-            if held:
-                self.stats.held += 1
-        if held:
+        if (method == "GET" and pattern is not None
+                and pattern.search(urllib.parse.unquote(urllib.parse.urlsplit(path).path))):
             self._gate.wait(max(0.0, deadline - time.monotonic()))
 
     def heal(self) -> None:
@@ -137,7 +133,6 @@ class FaultyS3Proxy:
         with self._lock:
             return {"requests": self.stats.requests, "failed": self.stats.failed,
                     "delayed": self.stats.delayed, "forwarded": self.stats.forwarded,
-                    "held": self.stats.held,
                     "failed_methods": dict(self.stats.failed_methods or {})}
 
     def _active(self, plan: _Plan) -> bool:  # with the lock held
@@ -249,6 +244,12 @@ class FaultyS3Proxy:
                                         daemon=True)
         self._thread.start()
         return self
+
+    def __enter__(self) -> "FaultyS3Proxy":
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self.release()  # no handler thread left waiting at the gate

@@ -10,7 +10,7 @@ Mid-run faults are triggered by what the job has written (the first masks file i
 a model actor is alive), never by a sleep, and each test checks that the fault landed while
 work remained; otherwise it would prove nothing. That work is held back on purpose: the job
 reads its input through a proxy that keeps the second half of the images waiting until the
-fault is in (`_HalfHeld`), so no machine is fast enough to finish before it lands.
+fault is in (`_half_held`), so no machine is fast enough to finish before it lands.
 """
 
 from __future__ import annotations
@@ -34,28 +34,14 @@ N_IMAGES, SIZE = 64, "128"
 BROKEN = "d0/broken.jpg"  # an input that is the image's fault: it belongs in mask_errors
 
 
-class _HalfHeld:
+def _half_held(s3_server: str) -> FaultyS3Proxy:
     """The job's S3 endpoint for a mid-run fault: a proxy that holds every GET of a d1/
     image until `release()`. The d0/ half goes through, its masks are written, and the
     test injects its fault while the rest is still unread; then it lets the rest through.
     (Once the model ran ~3x faster in bf16, a job could end between two polls.)"""
-
-    def __init__(self, s3_server: str) -> None:
-        self.proxy = FaultyS3Proxy(s3_server).start()
-        self.proxy.hold(r"/in/d1/[^/]+$")
-        self.endpoint = self.proxy.endpoint
-
-    def release(self) -> None:
-        self.proxy.release()
-
-    def close(self) -> None:
-        self.proxy.stop()
-
-    def __enter__(self) -> "_HalfHeld":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    proxy = FaultyS3Proxy(s3_server).start()
+    proxy.hold(r"/in/d1/[^/]+$")
+    return proxy
 
 
 def _inputs(endpoint: str, bucket: str, n: int = N_IMAGES, broken: bool = False
@@ -99,7 +85,7 @@ def _assert_mid_run(endpoint: str, bucket: str, n: int = N_IMAGES) -> int:
 def test_model_actor_killed_mid_run(ray_cluster, s3_server):
     bucket = "fault-actor"
     keys, weights = _inputs(s3_server, bucket)
-    with _HalfHeld(s3_server) as store:
+    with _half_held(s3_server) as store:
         job = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
         actor, _ = job.wait_until(
             lambda: _written(s3_server, bucket) and _model_actor_on_worker(ray_cluster),
@@ -131,7 +117,7 @@ def _alive(pid: int) -> bool:
 def test_worker_node_killed_mid_run(ray_cluster, s3_server):
     bucket = "fault-node"
     keys, weights = _inputs(s3_server, bucket)
-    store = _HalfHeld(s3_server)
+    store = _half_held(s3_server)
     job = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
     _, node = job.wait_until(
         lambda: _written(s3_server, bucket) and _model_actor_on_worker(ray_cluster),
@@ -152,7 +138,7 @@ def test_worker_node_killed_mid_run(ray_cluster, s3_server):
         assert_every_key_once(s3_server, bucket, "out", keys)
         assert run_summary(s3_server, bucket, "out")["masks"] == N_IMAGES
     finally:
-        store.close()
+        store.stop()
         if replacement is None and node.name not in ray_cluster.nodes:
             replacement = ray_cluster.start_worker(wait=False)
         if replacement is not None:
@@ -164,7 +150,7 @@ def test_driver_stopped_mid_run_then_resubmitted(ray_cluster, s3_server):
     rerun skips what is done and ends with every key once, the broken input in mask_errors."""
     bucket = "fault-driver"
     keys, weights = _inputs(s3_server, bucket, broken=True)
-    with _HalfHeld(s3_server) as store:
+    with _half_held(s3_server) as store:
         first = ray_cluster.submit(_args(bucket, weights), s3_env(store.endpoint))
         first.wait_until(lambda: _written(s3_server, bucket), "the first masks file")
         first.stop()  # `ray job stop`: SIGTERM to the driver, SIGKILL after a grace period
