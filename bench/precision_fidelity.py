@@ -28,21 +28,56 @@ DEFAULT_MODES = ("fp32", "bf16", "int8")
 EVAL_SEED, CALIBRATION_SEED = 4242, 777
 
 
-def _images(seed: int, count: int, input_size: int):
-    """make_dataset samples through JPEG and the pipeline's own decode, with their masks."""
+def sample_jpegs(seed: int, count: int, input_size: int) -> list[tuple[bytes, np.ndarray]]:
+    """make_dataset samples at twice `input_size`, as JPEG (q90) file bytes, with their masks."""
     from PIL import Image
 
     from jobs.make_dataset import generate_sample
-    from u2net_core.imageio import decode_image
 
-    images, gts = [], []
+    out = []
     for i in range(count):
         rgb, mask = generate_sample(seed, i, input_size * 2)
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-        images.append(decode_image(buf.getvalue(), input_size).array)
-        gts.append(np.asarray(Image.fromarray(mask).resize((input_size, input_size), Image.BILINEAR)))
-    return np.stack(images), gts
+        out.append((buf.getvalue(), mask))
+    return out
+
+
+def eval_set(count: int, input_size: int):
+    """The evaluation images as the pipeline's decode gives them (uint8, N×S×S×3), the files'
+    bytes they came from (a job fed those files decodes the same arrays), and the masks at the
+    input size."""
+    from PIL import Image
+
+    from u2net_core.imageio import decode_image
+
+    samples = sample_jpegs(EVAL_SEED, count, input_size)
+    images = np.stack([decode_image(data, input_size).array for data, _ in samples])
+    gts = [np.asarray(Image.fromarray(m).resize((input_size, input_size), Image.BILINEAR))
+           for _, m in samples]
+    return images, [data for data, _ in samples], gts
+
+
+def calibration_set(count: int, input_size: int):
+    """The int8 calibration images: decoded, and as file bytes (for a job's `--calibration`
+    folder, read in name order, which then quantises exactly as `fidelity` does)."""
+    from u2net_core.imageio import decode_image
+
+    files = [data for data, _ in sample_jpegs(CALIBRATION_SEED, count, input_size)]
+    return np.stack([decode_image(data, input_size).array for data in files]), files
+
+
+def map_stats(maps: np.ndarray, reference: np.ndarray, gts) -> dict:
+    """uint8 maps of one mode against the fp32 reference maps and the ground truth."""
+    from u2net_core import SODMetrics
+
+    m = SODMetrics()
+    for p, g in zip(maps, gts):
+        m.update(p, g)
+    res = m.compute()
+    diff = np.abs(maps.astype(np.int16) - reference.astype(np.int16))
+    return {"mae": res["mae"], "max_f": res["max_f"], "mean_abs_diff_u8": float(diff.mean()),
+            "max_abs_diff_u8": int(diff.max()), "pixels_differing": float((diff > 0).mean())}
 
 
 def fidelity(weights: str, model: str = "u2netp", input_size: int = 128, count: int = 32,
@@ -51,15 +86,14 @@ def fidelity(weights: str, model: str = "u2netp", input_size: int = 128, count: 
 
     from pipeline.config import ModelConfig
     from pipeline.predict import U2NetPredictor
-    from u2net_core import SODMetrics
     from u2net_core.runtime import cpu_has_native_bf16
 
-    batch, gts = _images(EVAL_SEED, count, input_size)
+    batch, _, gts = eval_set(count, input_size)
     gray = np.zeros(count, bool)
     calibration = None
     if any(m.startswith("int8") for m in modes):
-        calib_images, _ = _images(CALIBRATION_SEED, calibration_count, input_size)
-        calibration = (calib_images, np.zeros(calibration_count, bool))
+        calibration = (calibration_set(calibration_count, input_size)[0],
+                       np.zeros(calibration_count, bool))
     modes = ["fp32"] + [m for m in modes if m != "fp32"]  # the reference comes first
     out: dict = {"count": count, "input_size": input_size, "model": model, "batch_size": batch_size,
                  "torch_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
@@ -77,23 +111,13 @@ def fidelity(weights: str, model: str = "u2netp", input_size: int = 128, count: 
         t0 = time.process_time()
         maps[mode] = pred.predict_uint8(batch, gray)
         cpu = (time.process_time() - t0) / count
-        m = SODMetrics()
-        for p, g in zip(maps[mode], gts):
-            m.update(p, g)
-        res = m.compute()
-        diff = np.abs(maps[mode].astype(np.int16) - maps["fp32"].astype(np.int16))
-        out["modes"][mode] = {
-            "cpu_ms_per_image": round(cpu * 1000, 1),
-            "setup_s": round(setup, 1),
-            "mae": res["mae"], "max_f": res["max_f"],
-            "mean_abs_diff_u8": float(diff.mean()),
-            "max_abs_diff_u8": int(diff.max()),
-            "pixels_differing": float((diff > 0).mean()),
-        }
+        out["modes"][mode] = {"cpu_ms_per_image": round(cpu * 1000, 1), "setup_s": round(setup, 1),
+                              **map_stats(maps[mode], maps["fp32"], gts)}
     base = out["modes"]["fp32"]
     for r in out["modes"].values():
         r["delta_mae"] = r["mae"] - base["mae"]
         r["delta_max_f"] = r["max_f"] - base["max_f"]
+    out["maps"] = maps  # for callers that compare other runs against the same reference
     return out
 
 
@@ -109,6 +133,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     report = fidelity(args.weights, args.model, args.input_size, args.count,
                       modes=args.modes.split(","), batch_size=args.batch_size)
+    report.pop("maps")
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
