@@ -21,7 +21,8 @@ import pyarrow as pa
 from pipeline.config import ModelConfig
 from pipeline.schema import RowStatus
 
-__all__ = ["U2NetPredictor", "ActorPlan", "plan_actors", "compute_model_id", "PREDICTED_FIELDS"]
+__all__ = ["U2NetPredictor", "ActorPlan", "plan_actors", "rows_per_call", "compute_model_id",
+           "PREDICTED_FIELDS"]
 
 log = logging.getLogger("u2net_ray")
 
@@ -79,6 +80,11 @@ class ActorPlan:
 # peaks well under that; set --batch-size for smaller cards).
 DEFAULT_BATCH_320 = {"cpu": 8, "cuda": 64}
 
+# On an embedded local Ray with fewer cores than this, one 1-thread actor per core (measured
+# on 2 cores); with more, actors of several threads (intra-op threads cost less memory than
+# model copies; not yet measured against one actor per core there).
+LOCAL_ONE_THREAD_ACTORS_BELOW = 8
+
 
 def default_batch_size(device: str, input_size: int) -> int:
     scaled = DEFAULT_BATCH_320[device] * (320 / input_size) ** 2
@@ -93,8 +99,9 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
     side. CPU only: actors of `cpus_per_actor` CPUs (1 on small clusters, 4 on larger ones),
     using 3/4 of the CPUs and leaving the rest to read/decode/postprocess tasks; torch threads
     follow the reservation. `local_cores` is set for the embedded local Ray, where the model
-    is the bottleneck and may use every physical core. The batch size, when not given, is
-    chosen for the device (`default_batch_size`).
+    is the bottleneck and may use every physical core: below 8 cores one 1-thread actor per
+    core, else threads = cores // actors. The batch size, when not given, is chosen for the
+    device (`default_batch_size`).
     """
     gpus = float(cluster.get("GPU", 0) or 0)
     cpus = float(cluster.get("CPU", 1) or 1)
@@ -109,13 +116,30 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
         num_cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else 1.0
         batch = cfg.batch_size or default_batch_size("cuda", cfg.input_size)
         return ActorPlan("cuda", actors, per, num_cpus, max(1, int(num_cpus)), batch)
+    batch = cfg.batch_size or default_batch_size("cpu", cfg.input_size)
+    if (local_cores and local_cores < LOCAL_ONE_THREAD_ACTORS_BELOW and cfg.actors is None
+            and cfg.cpus_per_actor is None):
+        # A small machine: one single-threaded actor per core. Measured on 2 cores
+        # (BENCHMARKS.md): two 1-thread processes compute 1.24x the images of one 2-thread
+        # process, and the pipeline around them is faster still. Together they reserve half of
+        # the local Ray's logical CPUs, so read, decode, postprocess and write tasks always
+        # find a slot beside them: those use little CPU, but with one slot left they queue
+        # behind each other and the actors wait for input. (Where an actor's reservation
+        # equals the decode stage's, Ray fuses decode into the actor; on CPU that costs
+        # nothing, measured.)
+        return ActorPlan("cpu", local_cores, 0.0, cpus / (2 * local_cores), 1, batch)
     per_cpu = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (4.0 if cpus >= 8 else 1.0)
     actors = cfg.actors or max(1, int((cpus * 0.75) // per_cpu))
     threads = max(1, int(per_cpu))
     if local_cores:
         threads = max(1, local_cores // actors)
-    batch = cfg.batch_size or default_batch_size("cpu", cfg.input_size)
     return ActorPlan("cpu", actors, 0.0, per_cpu, threads, batch)
+
+
+def rows_per_call(plan: ActorPlan) -> int:
+    """Rows per model-actor call (one Ray Data batch): several model batches per call
+    amortise the Python overhead of a call."""
+    return plan.batch_size * (4 if plan.device == "cpu" else 8)
 
 
 class _DeviceFeed:

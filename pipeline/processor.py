@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pipeline.config import MaskPipelineConfig
 from pipeline.decode import decode_batch
 from pipeline.postprocess import postprocess_batch
-from pipeline.predict import ActorPlan, U2NetPredictor
+from pipeline.predict import ActorPlan, U2NetPredictor, rows_per_call
 
 __all__ = ["build_mask_pipeline", "LoadedWeights", "RunModel", "load_weights_for_run",
            "read_weights", "read_calibration"]
@@ -105,8 +105,12 @@ def load_weights_for_run(cfg: MaskPipelineConfig) -> LoadedWeights:
     return read_weights(cfg).put()
 
 
-def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, plan: ActorPlan):
-    """READ_SCHEMA rows → rows with prob_map, coverage, bbox (+ png/rle/cutouts as asked)."""
+def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, plan: ActorPlan,
+                        min_rows: int | None = None):
+    """READ_SCHEMA rows → rows with prob_map, coverage, bbox (+ png/rle/cutouts as asked).
+
+    `min_rows`: a lower bound on the rows to come (the planned units), when the caller knows
+    one; the model pool starts with as many actors as that many rows can keep busy."""
     import ray
 
     keep_bytes = bool(cfg.post.cutouts)
@@ -118,14 +122,18 @@ def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, p
     remote: dict[str, Any] = {"num_cpus": plan.num_cpus}
     if plan.num_gpus:
         remote["num_gpus"] = plan.num_gpus
+    call_rows = rows_per_call(plan)
+    # Start as many actors as the known work can keep busy, and let Ray Data add more while
+    # work is queued: small inputs do not pay for loading weights into actors that would never
+    # get a batch. Starting with one and waiting for the autoscaler is not enough: it adds an
+    # actor only when the first one's queue is full, which on a small cluster may be never
+    # (BENCHMARKS.md, two one-thread actors on 2 cores).
+    initial = plan.actors if min_rows is None else min(plan.actors, max(1, -(-min_rows // call_rows)))
     ds = ds.map_batches(
         U2NetPredictor,
         batch_format="pyarrow",
-        # Several model batches per call amortise the Python overhead per call.
-        batch_size=plan.batch_size * (4 if plan.device == "cpu" else 8),
-        # Start with one actor and let Ray Data add more while work is queued: small inputs do
-        # not pay for loading weights into actors that would never get a batch.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        batch_size=call_rows,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors, initial_size=initial),
         fn_constructor_kwargs={"cfg": model_cfg, "weights": weights.ref, "device": plan.device,
                                "threads": plan.threads, "calibration": weights.calibration_ref},
         **remote,

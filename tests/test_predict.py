@@ -35,9 +35,19 @@ def test_gpus_per_actor_without_gpus_is_an_error():
         plan_actors(ModelConfig(gpus_per_actor=1), {"CPU": 8})
 
 
-def test_local_ray_threads_use_every_core():
-    plan = plan_actors(ModelConfig(), {"CPU": 2}, local_cores=2)
-    assert (plan.actors, plan.threads) == (1, 2)
+@pytest.mark.parametrize("cpus,cores,kwargs,expected", [
+    # A small machine: one 1-thread actor per core, half the logical CPUs reserved for them.
+    (2, 2, {}, (2, 1, 0.5)),
+    (4, 2, {}, (2, 1, 1.0)),
+    # A larger one: multi-threaded actors on 3/4 of the CPUs, every core used.
+    (16, 16, {}, (3, 5, 4.0)),
+    # Explicit settings win; threads still follow the cores.
+    (2, 2, {"actors": 1}, (1, 2, 1.0)),
+    (4, 2, {"cpus_per_actor": 2}, (1, 2, 2.0)),
+])
+def test_local_ray_actors_use_every_core(cpus, cores, kwargs, expected):
+    plan = plan_actors(ModelConfig(**kwargs), {"CPU": cpus}, local_cores=cores)
+    assert (plan.actors, plan.threads, plan.num_cpus) == expected
 
 
 def test_default_batch_scales_with_pixels():
