@@ -121,7 +121,7 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
             and cfg.cpus_per_actor is None):
         # A small machine: one single-threaded actor per core. Measured on 2 cores
         # (BENCHMARKS.md): two 1-thread processes compute 1.24x the images of one 2-thread
-        # process, and the pipeline around them is faster still. Together they reserve half of
+        # process, which computes 1.6x one thread. Together they reserve half of
         # the local Ray's logical CPUs, so read, decode, postprocess and write tasks always
         # find a slot beside them: those use little CPU, but with one slot left they queue
         # behind each other and the actors wait for input. (Where an actor's reservation

@@ -125,9 +125,8 @@ def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, p
     call_rows = rows_per_call(plan)
     # Start as many actors as the known work can keep busy, and let Ray Data add more while
     # work is queued: small inputs do not pay for loading weights into actors that would never
-    # get a batch. Starting with one and waiting for the autoscaler is not enough: it adds an
-    # actor only when the first one's queue is full, which on a small cluster may be never
-    # (BENCHMARKS.md, two one-thread actors on 2 cores).
+    # get a batch. Starting with one and leaving the rest to the autoscaler left the second of
+    # two actors without work for a whole 256-image run on 2 cores (BENCHMARKS.md).
     initial = plan.actors if min_rows is None else min(plan.actors, max(1, -(-min_rows // call_rows)))
     ds = ds.map_batches(
         U2NetPredictor,
