@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-KEYS = ("driver_rss", "driver_private", "worker_rss_max", "worker_private_max", "workers_rss_sum",
-        "workers_private_sum", "other_children_rss_sum")
+KEYS = ("tree_pss_sum", "driver_rss", "driver_private", "worker_rss_max", "worker_private_max",
+        "workers_rss_sum", "workers_private_sum", "other_children_rss_sum")
 
 
 def run_scale(images: int, workdir: Path, extra: list[str]) -> dict:

@@ -56,6 +56,20 @@ def _memory_bytes(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: private pages plus each shared page divided by the number of
+    processes mapping it. Summed over a process tree it counts the object store's shared
+    memory and torch's libraries once: the tree's real share of the machine's memory."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -85,7 +99,9 @@ class MemorySampler:
     Two measures per process: RSS, which counts shared pages (the object store's mapped
     memory, torch's libraries) in every process that maps them, so its sums are upper bounds;
     and private (anonymous) memory, which is the process's own heap: what grows if something
-    in it keeps per-row state. The object store itself is sized by Ray, not by the data."""
+    in it keeps per-row state. The object store itself is sized by Ray, not by the data.
+    And one for the whole tree (driver, workers, Ray's processes): the sum of PSS, which
+    counts each shared page once, split between its users."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
@@ -103,12 +119,14 @@ class MemorySampler:
         driver_rss, driver_private = _memory_bytes(me)
         values = {"driver_rss": driver_rss, "driver_private": driver_private,
                   "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
-                  "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0}
+                  "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0,
+                  "tree_pss_sum": _pss_bytes(me)}
         stack = list(children.get(me, []))
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
             rss, private = _memory_bytes(pid)
+            values["tree_pss_sum"] += _pss_bytes(pid)
             if _cmdline(pid).startswith("ray::"):
                 values["workers_rss_sum"] += rss
                 values["worker_rss_max"] = max(values["worker_rss_max"], rss)
