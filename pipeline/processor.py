@@ -10,6 +10,7 @@ work inside a GPU actor would starve the GPU (DESIGN §5).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -127,7 +128,9 @@ def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, p
     # work is queued: small inputs do not pay for loading weights into actors that would never
     # get a batch. Starting with one and leaving the rest to the autoscaler left the second of
     # two actors without work for a whole 256-image run on 2 cores (BENCHMARKS.md).
-    initial = plan.actors if min_rows is None else min(plan.actors, max(1, -(-min_rows // call_rows)))
+    initial = plan.actors
+    if min_rows is not None:
+        initial = min(plan.actors, max(1, math.ceil(min_rows / call_rows)))
     ds = ds.map_batches(
         U2NetPredictor,
         batch_format="pyarrow",
