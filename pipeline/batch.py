@@ -117,7 +117,7 @@ def run_batch_inference(cfg: MaskPipelineConfig, output_uri: str, *, overwrite: 
     stages: dict[str, dict] = {}
     if units.num_rows:
         rows = read_source(plan, cfg.source, skip_ref=skip_ref)
-        ds = build_mask_pipeline(rows, cfg, weights, actor_plan, min_rows=units.num_rows)
+        ds = build_mask_pipeline(rows, cfg, weights, actor_plan, rows_expected=plan.known_rows)
         sink = sinks.make_datasink(output_uri, run_id, cfg.model.name, weights.model_id,
                                    rows_per_file=rows_per_file)
         ds.write_datasink(sink)

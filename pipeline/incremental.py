@@ -413,7 +413,7 @@ def _process_chunks(cfg, settings, work: WorkPlan, chunks: list[Chunk], run_mode
         skip_ref = ray.put(frozenset(chunk.skip_keys.to_pylist())) if len(chunk.skip_keys) else None
         units = Plan(work.kind, work.root, chunk.units.select(UNIT_SCHEMA.names), work.listed_files)
         rows = read_source(units, cfg.source, skip_ref=skip_ref)
-        ds = build_mask_pipeline(rows, cfg, weights, actor_plan, min_rows=chunk.units.num_rows)
+        ds = build_mask_pipeline(rows, cfg, weights, actor_plan, rows_expected=units.known_rows)
         sink = iceberg.ChunkSink(settings, model=cfg.model.name, model_id=model_id, run_id=run_id,
                                  chunk=chunk.index, known_masks=known_masks,
                                  known_errors=known_errors, previous=chunk.previous,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -140,6 +141,17 @@ def rows_per_call(plan: ActorPlan) -> int:
     """Rows per model-actor call (one Ray Data batch): several model batches per call
     amortise the Python overhead of a call."""
     return plan.batch_size * (4 if plan.device == "cpu" else 8)
+
+
+def initial_actors(plan: ActorPlan, rows_expected: int | None) -> int:
+    """How many model actors to start with: as many as the known work can keep busy (one
+    call's rows each), all of them when the amount is unknown. Ray Data adds more while work
+    is queued, but starting with one and leaving the rest to the autoscaler left the second
+    of two actors without work for a whole 256-image run on 2 cores (BENCHMARKS.md); and
+    small inputs should not pay for loading weights into actors that would never get a batch."""
+    if rows_expected is None:
+        return plan.actors
+    return min(plan.actors, max(1, math.ceil(rows_expected / rows_per_call(plan))))
 
 
 class _DeviceFeed:

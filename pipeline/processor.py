@@ -10,14 +10,13 @@ work inside a GPU actor would starve the GPU (DESIGN §5).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline.config import MaskPipelineConfig
 from pipeline.decode import decode_batch
 from pipeline.postprocess import postprocess_batch
-from pipeline.predict import ActorPlan, U2NetPredictor, rows_per_call
+from pipeline.predict import ActorPlan, U2NetPredictor, initial_actors, rows_per_call
 
 __all__ = ["build_mask_pipeline", "LoadedWeights", "RunModel", "load_weights_for_run",
            "read_weights", "read_calibration"]
@@ -107,11 +106,12 @@ def load_weights_for_run(cfg: MaskPipelineConfig) -> LoadedWeights:
 
 
 def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, plan: ActorPlan,
-                        min_rows: int | None = None):
+                        rows_expected: int | None = None):
     """READ_SCHEMA rows → rows with prob_map, coverage, bbox (+ png/rle/cutouts as asked).
 
-    `min_rows`: a lower bound on the rows to come (the planned units), when the caller knows
-    one; the model pool starts with as many actors as that many rows can keep busy."""
+    `rows_expected`: the rows to come, where the plan knows it (`Plan.known_rows`): the model
+    pool then starts with only as many actors as that many rows can keep busy. Unknown (shards,
+    Parquet files: hundreds of rows each, typically) starts them all."""
     import ray
 
     keep_bytes = bool(cfg.post.cutouts)
@@ -124,13 +124,7 @@ def build_mask_pipeline(rows, cfg: MaskPipelineConfig, weights: LoadedWeights, p
     if plan.num_gpus:
         remote["num_gpus"] = plan.num_gpus
     call_rows = rows_per_call(plan)
-    # Start as many actors as the known work can keep busy, and let Ray Data add more while
-    # work is queued: small inputs do not pay for loading weights into actors that would never
-    # get a batch. Starting with one and leaving the rest to the autoscaler left the second of
-    # two actors without work for a whole 256-image run on 2 cores (BENCHMARKS.md).
-    initial = plan.actors
-    if min_rows is not None:
-        initial = min(plan.actors, max(1, math.ceil(min_rows / call_rows)))
+    initial = initial_actors(plan, rows_expected)
     ds = ds.map_batches(
         U2NetPredictor,
         batch_format="pyarrow",

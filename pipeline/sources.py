@@ -60,6 +60,12 @@ class Plan:
     def keys_known(self) -> bool:
         return self.kind in ("files", "manifest")
 
+    @property
+    def known_rows(self) -> int | None:
+        """The rows the units will give, where the plan knows it: one per unit for files and
+        manifests. A shard or Parquet file holds a number not known until it is read."""
+        return self.units.num_rows if self.keys_known else None
+
 
 def detect_kind(uri: str, entries: list[storage.FileEntry]) -> str:
     lower = uri.lower().rstrip("/")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.predict import U2NetPredictor, default_batch_size, plan_actors
+from pipeline.predict import U2NetPredictor, default_batch_size, initial_actors, plan_actors
 from u2net_core import build_model, load_weights, normalize, probabilities, to_uint8_map
 
 
@@ -48,6 +48,23 @@ def test_gpus_per_actor_without_gpus_is_an_error():
 def test_local_ray_actors_use_every_core(cpus, cores, kwargs, expected):
     plan = plan_actors(ModelConfig(**kwargs), {"CPU": cpus}, local_cores=cores)
     assert (plan.actors, plan.threads, plan.num_cpus) == expected
+
+
+def test_initial_actors_follow_the_known_rows(tmp_path):
+    """Loose files: one row per unit, so a small input starts fewer actors. Shards: the rows
+    are not known from the plan, so every actor starts (a shard of 1,000 images is one unit)."""
+    from pipeline.config import SourceConfig
+    from pipeline.sources import plan_source
+
+    plan = plan_actors(ModelConfig(), {"CPU": 64})  # 12 actors, 32 rows per call
+    assert [initial_actors(plan, n) for n in (1, 32, 33, 10_000, None)] == [1, 1, 2, 12, 12]
+    for i in range(3):
+        (tmp_path / "files" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "files" / f"{i}.jpg").write_bytes(b"x")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000.tar").write_bytes(b"x")
+    assert plan_source(SourceConfig(uri=str(tmp_path / "files"))).known_rows == 3
+    assert plan_source(SourceConfig(uri=str(tmp_path / "shards"))).known_rows is None
 
 
 def test_default_batch_scales_with_pixels():
