@@ -67,6 +67,16 @@ def _write_images(folder: Path, n: int, seed: int = 0) -> dict[str, bytes]:
     return out
 
 
+def test_cpu_stage_workers_do_not_import_torch():
+    """Ray's read, decode, postprocess and write workers import these modules and nothing
+    else of ours: torch would add ~124 MiB of private memory to each of those processes."""
+    code = ("import sys, pipeline.sources, pipeline.decode, pipeline.postprocess, pipeline.sinks, "
+            "pipeline.iceberg, pipeline.shards, pipeline.pack; "
+            "import u2net_core; u2net_core.decode_image; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_bad_input_corpus_every_key_once(ray_local, tmp_path, weights):
     corpus = write_bad_inputs(tmp_path / "in")
     (tmp_path / "in" / "notes.txt").write_text("not an image extension: not an input")

@@ -11,18 +11,33 @@ Public API:
     SODMetrics                        -> MAE, F-measure, E-measure, S-measure, weighted F
 """
 
-from .checkpoint import WeightsMismatchError, load_weights, read_state_dict, save_weights
-from .imageio import DecodedImage, ImageDecodeError, decode_image, decode_mask
-from .loss import deep_supervision_loss
-from .metrics import SODMetrics
-from .model import U2Net, u2net, u2netp
-from .registry import MODELS, ModelSpec, build_model, get_spec
-from .transforms import normalize, probabilities, to_uint8_map
+from __future__ import annotations
 
-__all__ = [
-    "U2Net", "u2net", "u2netp", "build_model", "get_spec", "MODELS", "ModelSpec",
-    "load_weights", "save_weights", "read_state_dict", "WeightsMismatchError",
-    "deep_supervision_loss", "decode_image", "decode_mask", "DecodedImage", "ImageDecodeError",
-    "normalize", "probabilities", "to_uint8_map", "SODMetrics",
-]
+import importlib
 
+# Imported on first use: a process that only decodes images or encodes masks (Ray's read,
+# decode and postprocess workers import `u2net_core.imageio` / `.masks`) does not pay for
+# torch, about 124 MiB of private memory per process (BENCHMARKS.md, memory).
+_EXPORTS = {
+    "WeightsMismatchError": "checkpoint", "load_weights": "checkpoint",
+    "read_state_dict": "checkpoint", "save_weights": "checkpoint",
+    "DecodedImage": "imageio", "ImageDecodeError": "imageio", "decode_image": "imageio",
+    "decode_mask": "imageio",
+    "deep_supervision_loss": "loss",
+    "SODMetrics": "metrics",
+    "U2Net": "model", "u2net": "model", "u2netp": "model",
+    "MODELS": "registry", "ModelSpec": "registry", "build_model": "registry", "get_spec": "registry",
+    "normalize": "transforms", "probabilities": "transforms", "to_uint8_map": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'u2net_core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
