@@ -16,7 +16,6 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import sinks, storage
@@ -100,12 +99,12 @@ def run_batch_inference(cfg: MaskPipelineConfig, output_uri: str, *, overwrite: 
     skipped_known = 0
     skip_ref = None
     if plan.keys_known:
-        if done:
-            mask = pc.invert(pc.is_in(units.column("key"), pa.array(sorted(done), pa.string())))
+        if len(done):
+            mask = pc.invert(pc.is_in(units.column("key"), value_set=done.combine_chunks()))
             skipped_known = units.num_rows - int(pc.sum(mask).as_py() or 0)
             units = units.filter(mask)
-    elif done:
-        skip_ref = ray.put(frozenset(done))
+    elif len(done):  # shard keys are known only inside the shards: the read tasks skip them
+        skip_ref = ray.put(frozenset(done.to_pylist()))
     plan.units = units
 
     actor_plan = plan_actors(cfg.model, ray.cluster_resources(), local_cores=local_cores)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -139,20 +140,20 @@ def make_datasink(output_uri: str, run_id: str, model: str, model_id: str, rows_
 
 @dataclass
 class TableState:
-    masks: pa.Table  # key, source_uri, model_id, processed_at, __file
+    """The tables' key columns, kept as Arrow: the driver holds one row per stored key, and a
+    Python str per key costs ~10× its Arrow bytes (the end of a 100k run grew the driver by
+    111 MiB when reconciling went through Python objects; BENCHMARKS.md, memory)."""
+
+    masks: pa.Table  # key, source_uri, model_id, __file
     errors: pa.Table  # key, source_uri, processed_at, __file
 
     @property
-    def mask_keys(self) -> set[str]:
-        return set(self.masks.column("key").to_pylist())
-
-    @property
-    def error_keys(self) -> set[str]:
-        return set(self.errors.column("key").to_pylist())
+    def mask_keys(self) -> pa.ChunkedArray:
+        return self.masks.column("key")
 
     @property
     def model_ids(self) -> set[str]:
-        return set(self.masks.column("model_id").to_pylist()) if self.masks.num_rows else set()
+        return set(pc.unique(self.masks.column("model_id")).to_pylist()) if self.masks.num_rows else set()
 
 
 def _list_parquet(uri: str) -> list[str]:
@@ -186,9 +187,12 @@ def _read_columns(files: list[str], columns: list[str]) -> pa.Table:
     fs = storage.filesystem(files[0])[0] if files else None
     for f in files:
         t = _read_parquet(f, columns, fs)
-        parts.append(t.append_column("__file", pa.array([f] * t.num_rows, pa.string())))
+        # which file a row came from, dictionary-encoded: one string per file, not per row
+        indices = pa.array(np.zeros(t.num_rows, np.int32))
+        parts.append(t.append_column("__file", pa.DictionaryArray.from_arrays(indices, pa.array([f]))))
     if not parts:
-        return pa.table({c: pa.array([], pa.string()) for c in columns + ["__file"]})
+        return pa.table({**{c: pa.array([], pa.string()) for c in columns},
+                         "__file": pa.array([], pa.dictionary(pa.int32(), pa.string()))})
     return pa.concat_tables(parts, promote_options="permissive")
 
 
@@ -229,12 +233,12 @@ def _reconcile_masks(state: TableState, model_id: str, run_id: str, stats: dict)
     m = state.masks
     if not m.num_rows:
         return []
-    counts = pc.value_counts(m.column("key")).to_pylist()
-    dup_keys = {v["values"] for v in counts if v["counts"] > 1}
-    if not dup_keys:
+    counts = pc.value_counts(m.column("key"))  # in Arrow: duplicates are rare, keys many
+    dup_keys = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(dup_keys):
         return []
     by_key: dict[str, list] = {}
-    for r in m.filter(pc.is_in(m.column("key"), pa.array(sorted(dup_keys)))).to_pylist():
+    for r in m.filter(pc.is_in(m.column("key"), value_set=dup_keys)).to_pylist():
         by_key.setdefault(r["key"], []).append(r)
     drop: dict[str, set[str]] = {}
     dedupe: dict[str, set[str]] = {}
@@ -268,7 +272,9 @@ def _reconcile_errors(output_uri: str, extra: list[dict], stats: dict) -> None:
     Error tables are small (a fraction of the inputs), so when anything needs changing the
     whole table is rewritten as one file: new file first, then the old ones are deleted."""
     files = _list_parquet(storage.join_uri(output_uri, ERRORS_DIR))
-    mask_keys = read_table_state(output_uri).mask_keys
+    if not files and not extra:
+        return
+    mask_keys = _read_columns(_list_parquet(storage.join_uri(output_uri, MASKS_DIR)), ["key"]).column("key")
     parts = []
     fs = storage.filesystem(files[0])[0] if files else None
     for f in files:
@@ -280,8 +286,9 @@ def _reconcile_errors(output_uri: str, extra: list[dict], stats: dict) -> None:
     table = pa.concat_tables(parts)
     newest: dict[str, int] = {}
     stamps = table.column("processed_at").to_pylist()
+    has_mask = pc.is_in(table.column("key"), value_set=mask_keys.combine_chunks()).to_pylist()
     for i, key in enumerate(table.column("key").to_pylist()):
-        if key in mask_keys:
+        if has_mask[i]:
             continue
         j = newest.get(key)
         if j is None or stamps[i] >= stamps[j]:
