@@ -70,6 +70,37 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _shmem_bytes(pid: int) -> int:
+    """RssShmem: the shared-memory pages (the object store's /dev/shm file among them) a
+    process has touched, counted in full in each process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _role(cmdline: str) -> str:
+    """What a process is, from its command line: a Ray worker's title names its task or
+    actor ("ray::MapWorker(MapBatches(decode_batch)->...)", "ray::IDLE"); Ray's own processes
+    are named by their program (raylet, gcs_server, the agents' scripts)."""
+    if cmdline.startswith("ray::"):
+        return cmdline.split(" ", 1)[0]
+    words = cmdline.split()
+    if not words:
+        return "?"
+    prog = words[0].rsplit("/", 1)[-1]
+    if prog.startswith("python"):  # python -u .../log_monitor.py, python -m x
+        args = [w for w in words[1:] if w == "-m" or not w.startswith("-")]
+        if args[:1] == ["-m"]:
+            args = args[1:]
+        return f"python {args[0].rsplit('/', 1)[-1]}" if args else prog
+    return prog
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -107,11 +138,23 @@ class MemorySampler:
         self.interval = interval
         self.stage = "setup"
         self.peaks: dict[str, dict[str, int]] = {}
+        # Per process and stage: peak private, PSS and shared-memory bytes, and every role it
+        # was seen in (a Ray worker takes the title of whatever task it runs): so what grows
+        # can be told apart by role, not only in the sums.
+        self.processes: dict[str, dict[int, dict]] = {}
+        # The process whose tree is measured and which counts as the driver: this one, or
+        # the job's own process when inference runs as `python -m jobs.infer` (--job-process).
+        self.root = os.getpid()
+        # (seconds since start, stage, driver private, workers' private sum, tree PSS in MiB,
+        # Ray worker processes): whether something grows steadily through a stage, jumps at
+        # its end, or comes with extra processes.
+        self.timeline: list[tuple] = []
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        me = os.getpid()
+        me = self.root
         parents = _parent_map()
         children: dict[int, list[int]] = {}
         for pid, ppid in parents.items():
@@ -121,13 +164,22 @@ class MemorySampler:
                   "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
                   "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0,
                   "tree_pss_sum": _pss_bytes(me)}
+        procs = self.processes.setdefault(self.stage, {})
         stack = list(children.get(me, []))
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
             rss, private = _memory_bytes(pid)
-            values["tree_pss_sum"] += _pss_bytes(pid)
-            if _cmdline(pid).startswith("ray::"):
+            pss, cmdline = _pss_bytes(pid), _cmdline(pid)
+            values["tree_pss_sum"] += pss
+            rec = procs.setdefault(pid, {"roles": [], "private": 0, "pss": 0, "shmem": 0})
+            role = _role(cmdline)
+            if role not in rec["roles"]:
+                rec["roles"].append(role)
+            rec["private"] = max(rec["private"], private)
+            rec["pss"] = max(rec["pss"], pss)
+            rec["shmem"] = max(rec["shmem"], _shmem_bytes(pid))
+            if cmdline.startswith("ray::"):
                 values["workers_rss_sum"] += rss
                 values["worker_rss_max"] = max(values["worker_rss_max"], rss)
                 values["workers_private_sum"] += private
@@ -135,6 +187,10 @@ class MemorySampler:
                 values["worker_processes"] += 1
             else:  # raylet, gcs_server, agents, idle workers, the image generator's processes
                 values["other_children_rss_sum"] += rss
+        self.timeline.append((round(time.monotonic() - self._t0, 1), self.stage,
+                              *(round(values[k] / 2**20, 1) for k in
+                                ("driver_private", "workers_private_sum", "tree_pss_sum")),
+                              values["worker_processes"]))
         p = self.peaks.setdefault(self.stage, {})
         for key, value in values.items():
             p[key] = max(p.get(key, 0), value)
@@ -155,6 +211,14 @@ class MemorySampler:
     def report(self) -> dict:
         return {stage: {k: (round(v / 2**20, 1) if k != "worker_processes" else v)
                         for k, v in p.items()} for stage, p in self.peaks.items()}
+
+    def process_report(self, stage: str) -> list[dict]:
+        """Each process seen in `stage`, largest PSS first: its roles and peaks in MiB
+        (the peaks of different processes need not coincide in time)."""
+        rows = [{"pid": pid, "roles": rec["roles"],
+                 **{k: round(rec[k] / 2**20, 1) for k in ("private", "pss", "shmem")}}
+                for pid, rec in self.processes.get(stage, {}).items()]
+        return sorted(rows, key=lambda r: -r["pss"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +284,28 @@ def _link_first_shards(packed: Path, dest: Path, images: int, shard_size: int) -
     return len(wanted)
 
 
+def _infer_in_own_process(mcfg, masks_out: Path, timed, mem: MemorySampler) -> dict:
+    """`python -m jobs.infer` on the same inputs as a child process: the sampler follows that
+    process's tree for the stage (its driver is the job's). Returns the job's run summary."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "jobs.infer", "--input", mcfg.source.uri, "--source", mcfg.source.kind,
+           "--output", str(masks_out), "--model", mcfg.model.name, "--weights", mcfg.model.weights,
+           "--input-size", str(mcfg.model.input_size)]
+    print("+", " ".join(cmd), flush=True)
+    with timed():
+        proc = subprocess.Popen(cmd, cwd=REPO)
+        mem.root = proc.pid
+        try:
+            rc = proc.wait()
+        finally:
+            mem.sample()  # the job's tree may be gone; the peaks so far stay
+            mem.root = os.getpid()
+    if rc != 0:
+        raise SystemExit(f"jobs.infer exited with {rc}")
+    return json.loads((masks_out / "_run.json").read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000, help="images to generate and pack")
@@ -236,6 +322,10 @@ def main(argv=None) -> int:
                     help="where images, shards and outputs go (deleted first unless --keep-images)")
     ap.add_argument("--keep-images", action="store_true", help="reuse images already generated in --workdir")
     ap.add_argument("--report", default=str(REPO / ".bench_out" / "scale_run.json"))
+    ap.add_argument("--job-process", action="store_true",
+                    help="run inference as `python -m jobs.infer` in a process of its own, with its "
+                         "own local Ray, and measure that process tree alone: nothing the benchmark "
+                         "held before is in its numbers")
     args = ap.parse_args(argv)
 
     import logging
@@ -364,8 +454,13 @@ def main(argv=None) -> int:
                                     kind="webdataset" if args.format == "webdataset" else "parquet"),
                 model=ModelConfig(name=args.model, weights=str(weights), input_size=args.input_size),
                 decode=DecodeConfig(input_size=args.input_size))
-            with timed("infer", mem):
-                s = run_batch_inference(mcfg, str(masks_out), local_cores=os.cpu_count())
+            if args.job_process:
+                ray.shutdown()  # the job starts its own local Ray, sized as a user's would be
+                s = _infer_in_own_process(mcfg, masks_out, lambda: timed("infer", mem), mem)
+                stages["infer"]["driver_private_at_start_mib"] = 0.0  # the job's process began with the stage
+            else:
+                with timed("infer", mem):
+                    s = run_batch_inference(mcfg, str(masks_out), local_cores=os.cpu_count())
             stages["infer"].update(images=n_infer, masks=s["masks"], errors=s["errors"],
                                    actors=s["actors"], timings=s["timings"],
                                    images_per_s=round(n_infer / stages["infer"]["wall_s"], 2),
@@ -377,6 +472,11 @@ def main(argv=None) -> int:
             ray.shutdown()
 
     report["memory_mib"] = mem.report()
+    report["processes_infer_mib"] = mem.process_report("infer")
+    report["memory_timeline"] = {"columns": ["t_s", "stage", "driver_private_mib",
+                                             "workers_private_sum_mib", "tree_pss_mib",
+                                             "worker_processes"],
+                                 "rows": mem.timeline}
     report["load_average_end"] = os.getloadavg()
     report["finished_at"] = datetime.now(timezone.utc).isoformat()
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
