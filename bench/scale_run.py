@@ -300,6 +300,8 @@ def _infer_in_own_process(mcfg, masks_out: Path, timed, mem: MemorySampler) -> d
             rc = proc.wait()
         finally:
             mem.sample()  # the job's tree may be gone; the peaks so far stay
+            # From here the sampler measures this process again: not in the job's stage.
+            mem.stage = "after_infer"
             mem.root = os.getpid()
     if rc != 0:
         raise SystemExit(f"jobs.infer exited with {rc}")
