@@ -39,21 +39,21 @@ FILES_PER_DIR = 1000  # a realistic prefix layout, and directories of a sane siz
 # ---------------------------------------------------------------------------------------------
 # Memory sampling from /proc (psutil is not a dependency)
 
-def _memory_bytes(pid: int) -> tuple[int, int]:
-    """(resident, private) bytes of a process: VmRSS, and RssAnon, its anonymous memory alone.
-    VmRSS also counts shared pages it has touched: the object store's shared memory, which a
-    Ray worker maps as it reads blocks, and which grows with the run, not with the process."""
-    rss = anon = 0
+def _memory_bytes(pid: int) -> tuple[int, int, int]:
+    """(resident, private, shared-memory) bytes of a process: VmRSS; RssAnon, its anonymous
+    memory alone; RssShmem, the shared-memory pages it has touched (the object store's
+    /dev/shm file among them). VmRSS counts those shared pages too, in every process that
+    touched them: the object store grows with the run, not with the process."""
+    values = {"VmRSS:": 0, "RssAnon:": 0, "RssShmem:": 0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
+                name = line.split(maxsplit=1)[0] if line.strip() else ""
+                if name in values:
+                    values[name] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss, anon
+    return values["VmRSS:"], values["RssAnon:"], values["RssShmem:"]
 
 
 def _pss_bytes(pid: int) -> int:
@@ -64,19 +64,6 @@ def _pss_bytes(pid: int) -> int:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _shmem_bytes(pid: int) -> int:
-    """RssShmem: the shared-memory pages (the object store's /dev/shm file among them) a
-    process has touched, counted in full in each process."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssShmem:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -159,7 +146,7 @@ class MemorySampler:
         children: dict[int, list[int]] = {}
         for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
-        driver_rss, driver_private = _memory_bytes(me)
+        driver_rss, driver_private, _ = _memory_bytes(me)
         values = {"driver_rss": driver_rss, "driver_private": driver_private,
                   "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
                   "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0,
@@ -169,7 +156,7 @@ class MemorySampler:
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
-            rss, private = _memory_bytes(pid)
+            rss, private, shmem = _memory_bytes(pid)
             pss, cmdline = _pss_bytes(pid), _cmdline(pid)
             values["tree_pss_sum"] += pss
             rec = procs.setdefault(pid, {"roles": [], "private": 0, "pss": 0, "shmem": 0})
@@ -178,7 +165,7 @@ class MemorySampler:
                 rec["roles"].append(role)
             rec["private"] = max(rec["private"], private)
             rec["pss"] = max(rec["pss"], pss)
-            rec["shmem"] = max(rec["shmem"], _shmem_bytes(pid))
+            rec["shmem"] = max(rec["shmem"], shmem)
             if cmdline.startswith("ray::"):
                 values["workers_rss_sum"] += rss
                 values["worker_rss_max"] = max(values["worker_rss_max"], rss)
