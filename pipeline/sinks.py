@@ -140,9 +140,10 @@ def make_datasink(output_uri: str, run_id: str, model: str, model_id: str, rows_
 
 @dataclass
 class TableState:
-    """The tables' key columns, kept as Arrow: the driver holds one row per stored key, and a
-    Python str per key costs ~10× its Arrow bytes (the end of a 100k run grew the driver by
-    111 MiB when reconciling went through Python objects; BENCHMARKS.md, memory)."""
+    """The tables' key columns, kept as Arrow: the driver holds one row per stored key, and
+    Python objects per key cost far more than their Arrow bytes (the end of a 100k run grew
+    the driver by 111 MiB when reconciling went through Python dicts and sets, by 79 MiB
+    after; BENCHMARKS.md, memory)."""
 
     masks: pa.Table  # key, source_uri, model_id, __file
     errors: pa.Table  # key, source_uri, processed_at, __file
