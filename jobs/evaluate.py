@@ -33,6 +33,7 @@ from jobs._common import UserError, add_ray_arguments, init_ray, job_main
 from jobs.train import (add_labelled_arguments, check_input_flags, labelled_source,
                         metrics_from_vector, metrics_to_vector, plan_or_user_error)
 from pipeline import storage
+from pipeline.allocator import cpu_runtime_env
 from pipeline.labelled import read_labelled
 
 log = logging.getLogger("u2net_ray.evaluate")
@@ -132,12 +133,14 @@ def build_pipeline(plan, cfg: argparse.Namespace, weights_ref, actors: ActorPlan
     ds = read_labelled(plan, read_num_cpus=READ_CPUS)
     ds = ds.map_batches(eval_decode, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_kwargs={"input_size": cfg.input_size}, num_cpus=STAGE_CPUS)
+    # CPU actors get the allocator settings of the inference actors (`pipeline.allocator`).
+    env = {} if actors.num_gpus else {"runtime_env": cpu_runtime_env()}
     ds = ds.map_batches(SaliencyPredictor, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"model_name": cfg.model, "weights_ref": weights_ref,
                                                "normalize": cfg.normalize,
                                                "use_gpu": cfg.use_gpu, "threads": actors.threads},
                         compute=ray.data.ActorPoolStrategy(size=actors.actors),
-                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
+                        num_cpus=actors.num_cpus, num_gpus=actors.num_gpus, **env)
     return ds.map_batches(batch_metrics, batch_format="numpy", batch_size=None,
                           num_cpus=STAGE_CPUS)
 

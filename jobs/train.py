@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 
 from jobs._common import UserError, add_ray_arguments, init_ray, job_main
 from pipeline import storage
+from pipeline.allocator import cpu_runtime_env
 from pipeline.labelled import (EpochShuffle, Holdout, LabelledDataError, LabelledPlan,
                                LabelledSource, plan_labelled, read_labelled, stable_hash64)
 
@@ -770,7 +771,10 @@ def train(args: argparse.Namespace) -> TrainSummary:
             name=location.name, storage_path=location.storage_path,
             storage_filesystem=location.storage_filesystem,
             failure_config=FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints or None)),
+            checkpoint_config=CheckpointConfig(num_to_keep=args.keep_checkpoints or None),
+            # CPU workers: the allocator settings of the inference actors (`pipeline.allocator`;
+            # the training thread faulted every activation in again each step).
+            worker_runtime_env=None if args.use_gpu else cpu_runtime_env()),
         datasets=datasets,
         dataset_config=_exact_validation_data_config(),
     )

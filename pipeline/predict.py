@@ -19,11 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
+from pipeline.allocator import cpu_runtime_env
 from pipeline.config import ModelConfig
 from pipeline.schema import RowStatus
 
-__all__ = ["U2NetPredictor", "ActorPlan", "plan_actors", "rows_per_call", "compute_model_id",
-           "PREDICTED_FIELDS"]
+__all__ = ["U2NetPredictor", "ActorPlan", "plan_actors", "rows_per_call", "model_remote_args",
+           "compute_model_id", "PREDICTED_FIELDS"]
 
 log = logging.getLogger("u2net_ray")
 
@@ -125,9 +126,9 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
         # process, which computes 1.6x one thread. Together they reserve half of
         # the local Ray's logical CPUs, so read, decode, postprocess and write tasks always
         # find a slot beside them: those use little CPU, but with one slot left they queue
-        # behind each other and the actors wait for input. (Where an actor's reservation
-        # equals the decode stage's, Ray fuses decode into the actor; on CPU that costs
-        # nothing, measured.)
+        # behind each other and the actors wait for input. (The reservations equal the decode
+        # stage's, and `build_mask_pipeline` then fuses decode into the actors; on CPU that
+        # costs nothing, measured.)
         return ActorPlan("cpu", local_cores, 0.0, cpus / (2 * local_cores), 1, batch)
     per_cpu = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (4.0 if cpus >= 8 else 1.0)
     actors = cfg.actors or max(1, int((cpus * 0.75) // per_cpu))
@@ -135,6 +136,17 @@ def plan_actors(cfg: ModelConfig, cluster: Mapping[str, float], local_cores: int
     if local_cores:
         threads = max(1, local_cores // actors)
     return ActorPlan("cpu", actors, 0.0, per_cpu, threads, batch)
+
+
+def model_remote_args(plan: ActorPlan) -> dict[str, Any]:
+    """Ray options of a model actor: its resources, and on CPU the allocator settings
+    (`pipeline.allocator`: without them each image costs 50,000–75,000 page faults)."""
+    remote: dict[str, Any] = {"num_cpus": plan.num_cpus}
+    if plan.num_gpus:
+        remote["num_gpus"] = plan.num_gpus
+    if plan.device == "cpu":
+        remote["runtime_env"] = cpu_runtime_env()
+    return remote
 
 
 def rows_per_call(plan: ActorPlan) -> int:
