@@ -10,7 +10,9 @@ Prints one JSON report (also written to --report) with images/s per mode and the
 project tracks: e2e / official (CPU target ≥ 2×) and e2e / model-from-memory (target ≥ 0.9).
 The e2e rate is over the job's pipeline wall time, start-up of the actors included; with
 `--marginal K` the job also runs on the first K images, and the difference of the two runs
-gives the steady-state rate and the fixed start-up cost separately. int8 is calibrated on
+gives the steady-state rate and the fixed start-up cost separately. Each e2e result also has
+the CPU-seconds of every process of the job by role (`bench/_cpu.py`): on a small machine the
+gap between e2e and model-from-memory is the CPU the rest of the job takes. int8 is calibrated on
 32 generated images of another seed (`--calibration` to use a folder).
 """
 
@@ -115,12 +117,13 @@ def _model_worker(cfg, weights, device, threads, calibration, images, gray, call
 def model_from_memory(paths, args, weights, calibration) -> dict:
     """The job's own model path (U2NetPredictor.predict_uint8) fed pre-decoded uint8 inputs,
     laid out as the job lays out its model stage: `plan_actors` for a local Ray on this
-    machine gives the number of actors and threads, each actor is a process of its own, and
+    machine gives the number of actors and threads, each actor is a process of its own with
+    the actor's environment variables (`model_remote_args`: the allocator settings), and
     each call gets one Ray Data batch (`rows_per_call`). Images/s over the slowest process."""
     import multiprocessing as mp
 
     from pipeline.config import ModelConfig
-    from pipeline.predict import plan_actors, rows_per_call
+    from pipeline.predict import model_remote_args, plan_actors, rows_per_call
     from u2net_core import decode_image
 
     decoded = [decode_image(p.read_bytes(), args.input_size) for p in paths]
@@ -143,8 +146,18 @@ def model_from_memory(paths, args, weights, calibration) -> dict:
                          args=(cfg, weights, plan.device, plan.threads, calib, images[idx],
                                gray[idx], rows_per_call(plan), ready, go, results))
              for idx in shares]
-    for proc in procs:
-        proc.start()
+    actor_env = model_remote_args(plan).get("runtime_env", {}).get("env_vars", {})
+    saved = {k: os.environ.get(k) for k in actor_env}
+    os.environ.update(actor_env)  # a spawned child starts with this process's environment
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     for _ in procs:
         ready.acquire()
     go.set()
@@ -152,7 +165,7 @@ def model_from_memory(paths, args, weights, calibration) -> dict:
     for proc in procs:
         proc.join()
     return {"images_per_s": sum(n for n, _ in done) / max(dt for _, dt in done),
-            "actors": plan.actors, "threads": plan.threads}
+            "actors": plan.actors, "threads": plan.threads, "env": actor_env}
 
 
 def end_to_end(folder: Path, out: Path, args, weights, calibration) -> dict:
@@ -167,11 +180,14 @@ def end_to_end(folder: Path, out: Path, args, weights, calibration) -> dict:
         argv += ["--compile"]
     if args.e2e_args:
         argv += args.e2e_args.split()
-    assert infer.main(argv) == 0
+    from bench._cpu import CpuSampler
+
+    with CpuSampler() as cpu:  # where the machine's CPU went: the model actors, or the rest
+        assert infer.main(argv) == 0
     summary = json.loads((out / "_run.json").read_text())
     return {"images": summary["processed"], "images_per_s": summary["timings"]["images_per_s"],
             "pipeline_s": summary["timings"]["pipeline_s"], "total_s": summary["timings"]["total_s"],
-            "actors": summary["actors"], "stages": summary.get("stages", {})}
+            "actors": summary["actors"], "stages": summary.get("stages", {}), "cpu": cpu.report()}
 
 
 def subset(folder: Path, paths: list[Path], k: int) -> Path:
