@@ -1,8 +1,8 @@
 """CPU-seconds by process role while a block of code runs: this process and every process it
 starts (a local Ray's raylet, GCS, agents and workers are its descendants).
 
-Twice a second it reads each descendant's user + system time from /proc/<pid>/stat and keeps
-the last value; a process is named by the most specific role it was seen in (a worker that
+Twice a second it reads every /proc/<pid>/stat once (parent and user + system time), keeps
+the last value of each descendant; a process is named by the most specific role it was seen in (a worker that
 ran a task is counted under that task's title, not `ray::IDLE`). Processes that ran before
 the block started count only what they used inside it; one that exits counts up to its last
 sample (at most half a second less).
@@ -15,19 +15,7 @@ import threading
 import time
 from collections import defaultdict
 
-from bench.scale_run import _cmdline, _parent_map, _role
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
+from bench.scale_run import _cmdline, _descendants, _proc_stat, _role
 
 class CpuSampler:
     def __init__(self, interval: float = 0.5) -> None:
@@ -39,23 +27,13 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _pids(self) -> list[int]:
-        parents, tree, frontier = _parent_map(), {self.root}, [self.root]
-        children = defaultdict(list)
-        for pid, ppid in parents.items():
-            children[ppid].append(pid)
-        while frontier:
-            for child in children.get(frontier.pop(), []):
-                if child not in tree:
-                    tree.add(child)
-                    frontier.append(child)
-        return sorted(tree)
-
     def _sample(self) -> None:
-        for pid in self._pids():
-            cpu = _cpu_seconds(pid)
-            if cpu is None:
+        stat = _proc_stat()
+        parents = {pid: ppid for pid, (ppid, _) in stat.items()}
+        for pid in [self.root, *_descendants(self.root, parents)]:
+            if pid not in stat:
                 continue
+            cpu = stat[pid][1]
             self._start.setdefault(pid, cpu)
             self._last[pid] = cpu
             role = "this process" if pid == self.root else _role(_cmdline(pid))

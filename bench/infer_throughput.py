@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -147,17 +148,9 @@ def model_from_memory(paths, args, weights, calibration) -> dict:
                                gray[idx], rows_per_call(plan), ready, go, results))
              for idx in shares]
     actor_env = model_remote_args(plan).get("runtime_env", {}).get("env_vars", {})
-    saved = {k: os.environ.get(k) for k in actor_env}
-    os.environ.update(actor_env)  # a spawned child starts with this process's environment
-    try:
+    with mock.patch.dict(os.environ, actor_env):  # a spawned child starts with this environment
         for proc in procs:
             proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
     for _ in procs:
         ready.acquire()
     go.set()

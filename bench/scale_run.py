@@ -48,9 +48,9 @@ def _memory_bytes(pid: int) -> tuple[int, int, int]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                name = line.split(maxsplit=1)[0] if line.strip() else ""
-                if name in values:
-                    values[name] = int(line.split()[1]) * 1024
+                parts = line.split()
+                if parts and parts[0] in values:
+                    values[parts[0]] = int(parts[1]) * 1024
     except OSError:
         pass
     return values["VmRSS:"], values["RssAnon:"], values["RssShmem:"]
@@ -96,17 +96,39 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _parent_map() -> dict[int, int]:
-    parents = {}
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat() -> dict[int, tuple[int, float]]:
+    """Every process's parent pid and CPU-seconds (utime + stime), from one read of its stat."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     # the command may contain spaces and parentheses: split after the last ")"
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                    fields = f.read().rsplit(")", 1)[1].split()
+                found[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
             except (OSError, IndexError, ValueError):
                 continue
-    return parents
+    return found
+
+
+def _parent_map() -> dict[int, int]:
+    return {pid: ppid for pid, (ppid, _) in _proc_stat().items()}
+
+
+def _descendants(root: int, parents: dict[int, int]) -> list[int]:
+    """Every process below `root` in a `_parent_map`, not `root` itself."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
 
 
 class MemorySampler:
@@ -142,20 +164,13 @@ class MemorySampler:
 
     def sample(self) -> None:
         me = self.root
-        parents = _parent_map()
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parents.items():
-            children.setdefault(ppid, []).append(pid)
         driver_rss, driver_private, _ = _memory_bytes(me)
         values = {"driver_rss": driver_rss, "driver_private": driver_private,
                   "workers_rss_sum": 0, "worker_rss_max": 0, "workers_private_sum": 0,
                   "worker_private_max": 0, "other_children_rss_sum": 0, "worker_processes": 0,
                   "tree_pss_sum": _pss_bytes(me)}
         procs = self.processes.setdefault(self.stage, {})
-        stack = list(children.get(me, []))
-        while stack:
-            pid = stack.pop()
-            stack.extend(children.get(pid, []))
+        for pid in _descendants(me, _parent_map()):
             rss, private, shmem = _memory_bytes(pid)
             pss, cmdline = _pss_bytes(pid), _cmdline(pid)
             values["tree_pss_sum"] += pss
